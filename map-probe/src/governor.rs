@@ -1,0 +1,155 @@
+//! Keeps the probes' cost to the target inside a budget. A uprobe hit is a
+//! trap (about 10 µs on the VMs we measured), so a busy lock path probed all
+//! the time slows the service it is meant to observe. The governor opens the
+//! probes in windows, measures the hit rate inside each, and spaces windows so
+//! that the average cost stays under the budget; counts are later scaled by
+//! the share of time the probes were attached.
+
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Share of one CPU the probes may cost the target (0.005 = 0.5%); 0 turns
+    /// the governor off and keeps the probes attached.
+    pub budget: f64,
+    /// Estimated cost of one uprobe hit to the target.
+    pub hit_cost: Duration,
+    /// How long one window stays open.
+    pub window: Duration,
+    /// The longest gap between windows, so a short run still samples.
+    pub max_gap: Duration,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Attach,
+    Detach,
+    Stay,
+}
+
+pub struct Governor {
+    cfg: Config,
+    window_start: Option<Instant>,
+    window_hits0: u64,
+    next_attach: Instant,
+    /// Attached time so far, counted between the midpoints of the attach and
+    /// detach calls (the probes fire during part of each call).
+    attached: Duration,
+    pub windows: u32,
+    pub last_rate: f64,
+}
+
+impl Governor {
+    pub fn new(cfg: Config, now: Instant) -> Governor {
+        Governor {
+            cfg,
+            window_start: None,
+            window_hits0: 0,
+            next_attach: now,
+            attached: Duration::ZERO,
+            windows: 0,
+            last_rate: 0.0,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn tick(&mut self, now: Instant, hits: u64) -> Decision {
+        match self.window_start {
+            None if now >= self.next_attach => Decision::Attach,
+            None => Decision::Stay,
+            Some(start) => {
+                let open = now.saturating_duration_since(start);
+                if open < self.cfg.window {
+                    return Decision::Stay;
+                }
+                let rate = hits.saturating_sub(self.window_hits0) as f64 / open.as_secs_f64();
+                self.last_rate = rate;
+                let cost = rate * self.cfg.hit_cost.as_secs_f64();
+                if self.cfg.budget <= 0.0 || cost <= self.cfg.budget {
+                    // Affordable: keep the probes in and judge the next stretch afresh.
+                    self.attached += open;
+                    self.window_start = Some(now);
+                    self.window_hits0 = hits;
+                    return Decision::Stay;
+                }
+                let duty = self.cfg.budget / cost;
+                let gap = open.mul_f64(1.0 / duty - 1.0).min(self.cfg.max_gap);
+                self.next_attach = now + gap;
+                Decision::Detach
+            }
+        }
+    }
+
+    /// `start`/`end` bracket the attach call.
+    pub fn attached_at(&mut self, start: Instant, end: Instant, hits: u64) {
+        self.window_start = Some(start + (end - start) / 2);
+        self.window_hits0 = hits;
+        self.windows += 1;
+    }
+
+    /// `start`/`end` bracket the detach call.
+    pub fn detached_at(&mut self, start: Instant, end: Instant) {
+        if let Some(ws) = self.window_start.take() {
+            let mid = start + (end - start) / 2;
+            self.attached += mid.saturating_duration_since(ws);
+            // The detach itself took time the target spent unprobed anyway.
+            self.next_attach = self.next_attach.max(end);
+        }
+    }
+
+    pub fn attached_time(&self, now: Instant) -> Duration {
+        self.attached + self.window_start.map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(budget: f64) -> Config {
+        Config {
+            budget,
+            hit_cost: Duration::from_micros(10),
+            window: Duration::from_millis(500),
+            max_gap: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn cheap_probes_stay_attached() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(cfg(0.01), t0);
+        assert_eq!(g.tick(t0, 0), Decision::Attach);
+        g.attached_at(t0, t0, 0);
+        // 100 hits/s * 10 µs = 0.1% of a CPU: within a 1% budget.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(g.tick(t1, 100), Decision::Stay);
+        assert_eq!(g.tick(t1 + Duration::from_secs(1), 200), Decision::Stay);
+        assert!((g.attached_time(t1 + Duration::from_secs(1)).as_secs_f64() - 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn busy_probes_get_spaced_to_the_budget() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(cfg(0.01), t0);
+        g.attached_at(t0, t0, 0);
+        // 10k hits/s * 10 µs = 10% of a CPU: ten times the budget -> 10% duty.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(g.tick(t1, 5000), Decision::Detach);
+        g.detached_at(t1, t1);
+        assert_eq!(g.tick(t1 + Duration::from_millis(4400), 5000), Decision::Stay);
+        assert_eq!(g.tick(t1 + Duration::from_millis(4500), 5000), Decision::Attach);
+        assert_eq!(g.attached_time(t1), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn zero_budget_means_always_attached() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(cfg(0.0), t0);
+        g.attached_at(t0, t0, 0);
+        assert_eq!(g.tick(t0 + Duration::from_secs(5), 10_000_000), Decision::Stay);
+    }
+}

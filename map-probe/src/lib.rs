@@ -1,0 +1,17 @@
+//! map-probe: attach to a running Go service by PID and rank its lock
+//! contention by call site. Modules follow the path the data takes:
+//! `target` and `gobin` find the process and read its binary, `catalog`
+//! decides where to probe for its Go version, `probes` loads and attaches the
+//! eBPF programs, `governor` keeps their cost in budget, `aggregate` reads the
+//! kernel's counts, `symbolize` names the stacks, and `report` renders them.
+
+pub mod aggregate;
+pub mod catalog;
+pub mod doctor;
+pub mod gobin;
+pub mod governor;
+pub mod probes;
+pub mod report;
+pub mod session;
+pub mod symbolize;
+pub mod target;
