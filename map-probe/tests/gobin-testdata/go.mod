@@ -1,0 +1,3 @@
+module gobintest
+
+go 1.19
