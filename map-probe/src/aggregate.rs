@@ -2,7 +2,7 @@
 //! counts and wait times, the stacks themselves, and the loss counters.
 
 use anyhow::Result;
-use map_probe_common::{SiteStats, stat};
+use map_probe_common::{stat, SiteStats};
 use serde::Serialize;
 
 use crate::probes::Probes;

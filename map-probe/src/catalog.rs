@@ -139,9 +139,17 @@ mod tests {
     #[test]
     fn every_supported_minor_has_a_mutex_and_rwmutex_story() {
         for minor in MIN_GO_MINOR..=30 {
-            let v = GoVersion { major: 1, minor, patch: 0, raw: format!("go1.{minor}") };
+            let v = GoVersion {
+                major: 1,
+                minor,
+                patch: 0,
+                raw: format!("go1.{minor}"),
+            };
             let rows: Vec<_> = TABLE.iter().filter(|r| applies(r, &v)).collect();
-            assert!(rows.iter().any(|r| r.kind == Kind::Mutex), "1.{minor} has no mutex probe");
+            assert!(
+                rows.iter().any(|r| r.kind == Kind::Mutex),
+                "1.{minor} has no mutex probe"
+            );
             if minor >= 20 {
                 assert_eq!(rows.len(), 3, "1.{minor}: mutex, rlock and lock waits");
             }

@@ -3,7 +3,7 @@
 
 use std::{fs, path::PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{bail, Result};
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -93,12 +93,18 @@ pub fn run() -> Result<bool> {
     let yes = |b: bool| if b { "yes" } else { "NO" };
     println!("kernel          {}", h.kernel);
     println!("uprobes         {}  (uprobe perf PMU)", yes(h.uprobe_pmu));
-    println!("uprobe_multi    {}  (PID-scoped links)", yes(h.privileged() && uprobe_multi()));
+    println!(
+        "uprobe_multi    {}  (PID-scoped links)",
+        yes(h.privileged() && uprobe_multi())
+    );
     println!("BTF             {}  (/sys/kernel/btf/vmlinux)", yes(h.btf));
     println!("CAP_BPF         {}", yes(h.cap_bpf));
     println!("CAP_PERFMON     {}", yes(h.cap_perfmon));
     println!("CAP_SYS_ADMIN   {}", yes(h.cap_sys_admin));
-    println!("tracefs         {}  (only bpftrace cross-checks need it)", yes(h.tracefs));
+    println!(
+        "tracefs         {}  (only bpftrace cross-checks need it)",
+        yes(h.tracefs)
+    );
     match h.require() {
         Ok(()) => {
             println!("ready: map-probe can attach to Go processes on this host");

@@ -32,8 +32,8 @@ pub struct Governor {
     window_start: Option<Instant>,
     window_hits0: u64,
     next_attach: Instant,
-    /// Attached time so far, counted between the midpoints of the attach and
-    /// detach calls (the probes fire during part of each call).
+    /// Attached time so far: from the middle of each attach call (probes go
+    /// live during it) to the start of the detach call.
     attached: Duration,
     pub windows: u32,
     pub last_rate: f64,
@@ -90,18 +90,22 @@ impl Governor {
         self.windows += 1;
     }
 
-    /// `start`/`end` bracket the detach call.
+    /// `start`/`end` bracket the detach call. The kernel restores the
+    /// original instructions at its start and spends the rest (~100 ms here)
+    /// waiting for a grace period, so the window closes at `start`.
     pub fn detached_at(&mut self, start: Instant, end: Instant) {
         if let Some(ws) = self.window_start.take() {
-            let mid = start + (end - start) / 2;
-            self.attached += mid.saturating_duration_since(ws);
+            self.attached += start.saturating_duration_since(ws);
             // The detach itself took time the target spent unprobed anyway.
             self.next_attach = self.next_attach.max(end);
         }
     }
 
     pub fn attached_time(&self, now: Instant) -> Duration {
-        self.attached + self.window_start.map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+        self.attached
+            + self
+                .window_start
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
     }
 }
 
@@ -140,8 +144,14 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(g.tick(t1, 5000), Decision::Detach);
         g.detached_at(t1, t1);
-        assert_eq!(g.tick(t1 + Duration::from_millis(4400), 5000), Decision::Stay);
-        assert_eq!(g.tick(t1 + Duration::from_millis(4500), 5000), Decision::Attach);
+        assert_eq!(
+            g.tick(t1 + Duration::from_millis(4400), 5000),
+            Decision::Stay
+        );
+        assert_eq!(
+            g.tick(t1 + Duration::from_millis(4500), 5000),
+            Decision::Attach
+        );
         assert_eq!(g.attached_time(t1), Duration::from_millis(500));
     }
 
@@ -150,6 +160,9 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Governor::new(cfg(0.0), t0);
         g.attached_at(t0, t0, 0);
-        assert_eq!(g.tick(t0 + Duration::from_secs(5), 10_000_000), Decision::Stay);
+        assert_eq!(
+            g.tick(t0 + Duration::from_secs(5), 10_000_000),
+            Decision::Stay
+        );
     }
 }

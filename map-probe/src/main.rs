@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 use map_probe::{
     catalog::{self, Purpose},
@@ -17,7 +17,11 @@ use map_probe::{
 };
 
 #[derive(Parser)]
-#[command(name = "map-probe", version, about = "Rank a running Go service's lock contention by call site, with no restart and no code change.")]
+#[command(
+    name = "map-probe",
+    version,
+    about = "Rank a running Go service's lock contention by call site, with no restart and no code change."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -125,7 +129,11 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Doctor => Ok(if doctor::run()? { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+        Cmd::Doctor => Ok(if doctor::run()? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Cmd::Attach { pid, common } => attach(pid, &common),
         Cmd::Run { common, cmd } => run(&cmd, &common),
     }
@@ -203,9 +211,14 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
         .spawn()
         .map_err(|e| anyhow!("cannot start {}: {e}", exe.display()))?;
     let pid = child.id();
-    let mut spawned = Spawned { child, status: None };
+    let mut spawned = Spawned {
+        child,
+        status: None,
+    };
     let mut st = 0;
-    if unsafe { libc::waitpid(pid as i32, &mut st, libc::WUNTRACED) } != pid as i32 || !libc::WIFSTOPPED(st) {
+    if unsafe { libc::waitpid(pid as i32, &mut st, libc::WUNTRACED) } != pid as i32
+        || !libc::WIFSTOPPED(st)
+    {
         bail!("{} did not start", exe.display());
     }
     let mut target = Target::from_spawned(pid, exe.canonicalize().unwrap_or(exe.clone()), bin);
@@ -232,11 +245,21 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
         End::TargetExited => spawned.exited().unwrap_or(0),
         End::Interrupted => {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            spawned.child.wait().ok().and_then(|s| s.code()).unwrap_or(130)
+            spawned
+                .child
+                .wait()
+                .ok()
+                .and_then(|s| s.code())
+                .unwrap_or(130)
         }
         End::Duration => {
             eprintln!("map-probe: observation over; waiting for PID {pid} to exit");
-            spawned.child.wait().ok().and_then(|s| s.code()).unwrap_or(0)
+            spawned
+                .child
+                .wait()
+                .ok()
+                .and_then(|s| s.code())
+                .unwrap_or(0)
         }
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))

@@ -4,16 +4,16 @@
 
 use std::{num::NonZeroU32, path::PathBuf, time::Duration, time::Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{anyhow, Context, Result};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
-        UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        UProbe,
     },
+    Ebpf, EbpfLoader,
 };
-use map_probe_common::{COOKIE_RET, SiteKey, SiteStats, stat};
+use map_probe_common::{stat, SiteKey, SiteStats, COOKIE_RET};
 
 use crate::catalog::Point;
 
@@ -32,10 +32,13 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
             .load(OBJECT)
-            .map_err(|e| anyhow!("loading the eBPF programs failed: {e} (see `map-probe doctor`)"))?;
+            .map_err(|e| {
+                anyhow!("loading the eBPF programs failed: {e} (see `map-probe doctor`)")
+            })?;
         let prog: &mut UProbe = program(&mut ebpf)?;
-        prog.load()
-            .map_err(|e| anyhow!("the kernel rejected the eBPF program: {e} (see `map-probe doctor`)"))?;
+        prog.load().map_err(|e| {
+            anyhow!("the kernel rejected the eBPF program: {e} (see `map-probe doctor`)")
+        })?;
         let mut offsets = Vec::new();
         for (i, p) in points.iter().enumerate() {
             offsets.push((p.entry_offset, i as u64));
@@ -93,7 +96,8 @@ impl Probes {
 
     /// Every aggregated site, per-CPU values summed.
     pub fn sites(&self) -> Result<Vec<(SiteKey, SiteStats)>> {
-        let map: PerCpuHashMap<&MapData, SiteKey, SiteStats> = PerCpuHashMap::try_from(self.map("SITES")?)?;
+        let map: PerCpuHashMap<&MapData, SiteKey, SiteStats> =
+            PerCpuHashMap::try_from(self.map("SITES")?)?;
         let mut out = Vec::new();
         for entry in map.iter() {
             let (k, vals) = entry?;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     aggregate,
@@ -72,7 +72,9 @@ pub fn observe(
     opts: &Options,
     mut child: Option<&mut dyn Child>,
 ) -> Result<Outcome> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let start = Instant::now();
     let mut gov = Governor::new(opts.governor, start);
     if probes.attached() {
@@ -99,7 +101,10 @@ pub fn observe(
             if exited {
                 break End::TargetExited;
             }
-            if opts.duration.is_some_and(|d| now.duration_since(start) >= d) {
+            if opts
+                .duration
+                .is_some_and(|d| now.duration_since(start) >= d)
+            {
                 break End::Duration;
             }
             let t = aggregate::totals(&probes)?;
@@ -139,10 +144,19 @@ pub fn observe(
     Ok(Outcome { end, report })
 }
 
-fn status_line(probes: &Probes, gov: &Governor, start: Instant, now: Instant, total: Option<Duration>, hits: u64) {
+fn status_line(
+    probes: &Probes,
+    gov: &Governor,
+    start: Instant,
+    now: Instant,
+    total: Option<Duration>,
+    hits: u64,
+) {
     let elapsed = now.duration_since(start);
     let sites = probes.site_count();
-    let drops = aggregate::totals(probes).map(|t| t.drops.stack_lost + t.drops.site_map_full).unwrap_or(0);
+    let drops = aggregate::totals(probes)
+        .map(|t| t.drops.stack_lost + t.drops.site_map_full)
+        .unwrap_or(0);
     let of = total.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64()));
     let attached = gov.attached_time(now).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
     print!(
@@ -196,6 +210,7 @@ fn build_report(
             hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
             window_ms: cfg.window.as_millis() as u64,
         },
+        probes: report::probe_hits(&raw, &plan.points),
         drops: totals.drops,
         end: end.as_str().into(),
         sites,

@@ -14,7 +14,11 @@ pub struct Symbolizer<'a> {
 
 impl<'a> Symbolizer<'a> {
     pub fn new(bin: &'a GoBinary, bias: u64) -> Self {
-        Symbolizer { bin, bias, cache: HashMap::new() }
+        Symbolizer {
+            bin,
+            bias,
+            cache: HashMap::new(),
+        }
     }
 
     /// Frames for a stack, innermost first. Return addresses point after the
@@ -22,7 +26,11 @@ impl<'a> Symbolizer<'a> {
     pub fn stack(&mut self, pcs: &[u64], first_is_ip: bool) -> Vec<Frame> {
         let mut out = Vec::new();
         for (i, &pc) in pcs.iter().enumerate() {
-            let lookup = if i == 0 && first_is_ip { pc } else { pc.wrapping_sub(1) };
+            let lookup = if i == 0 && first_is_ip {
+                pc
+            } else {
+                pc.wrapping_sub(1)
+            };
             out.extend(self.frames(lookup).iter().cloned());
         }
         out

@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::gobin::GoBinary;
 
@@ -38,14 +38,27 @@ impl Target {
         let exe = match fs::read_link(&exe_link) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                bail!("cannot read {}: permission denied (run map-probe as root)", exe_link.display())
+                bail!(
+                    "cannot read {}: permission denied (run map-probe as root)",
+                    exe_link.display()
+                )
             }
-            Err(_) => bail!("PID {pid} has no executable (a kernel thread?); point map-probe at a Go program"),
+            Err(_) => bail!(
+                "PID {pid} has no executable (a kernel thread?); point map-probe at a Go program"
+            ),
         };
         let bin = open_go(&exe_link, &exe)?;
         let bias = load_bias(pid, &bin)?;
-        let start_time = start_time(pid).ok_or_else(|| anyhow!("PID {pid} exited while map-probe was starting"))?;
-        Ok(Target { pid, exe, open_path: exe_link, bin: Arc::new(bin), bias, start_time })
+        let start_time = start_time(pid)
+            .ok_or_else(|| anyhow!("PID {pid} exited while map-probe was starting"))?;
+        Ok(Target {
+            pid,
+            exe,
+            open_path: exe_link,
+            bin: Arc::new(bin),
+            bias,
+            start_time,
+        })
     }
 
     /// A process we started ourselves and hold stopped before its exec: the
@@ -123,7 +136,9 @@ pub fn load_bias(pid: u32, bin: &GoBinary) -> Result<u64> {
         }
         let start = u64::from_str_radix(f[0].split('-').next().unwrap_or(""), 16)?;
         let pgoff = u64::from_str_radix(f[2], 16)?;
-        return Ok(start.wrapping_sub(pgoff).wrapping_sub(seg_vaddr.wrapping_sub(seg_off)));
+        return Ok(start
+            .wrapping_sub(pgoff)
+            .wrapping_sub(seg_vaddr.wrapping_sub(seg_off)));
     }
     bail!("the executable of PID {pid} is not mapped executable (is it still starting?)")
 }

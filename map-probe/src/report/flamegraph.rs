@@ -3,25 +3,28 @@
 
 use std::{fs, io::BufWriter, path::Path};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{anyhow, Context, Result};
 use inferno::flamegraph::{self, Options};
 
-use super::{Report, terminal::short_path};
+use super::{terminal::short_path, Report};
 
 /// Folded stacks (`root;...;leaf count`), the format flamegraph tools share.
 pub fn folded(report: &Report) -> Vec<String> {
     report
         .stacks
         .iter()
-        .filter(|(_, _, n)| *n > 0)
-        .map(|(kind, frames, n)| {
-            let mut parts: Vec<String> = frames
+        .filter(|s| s.count > 0)
+        .map(|s| {
+            let mut parts: Vec<String> = s
+                .frames
                 .iter()
                 .rev()
-                .map(|f| format!("{} {}:{}", f.function, short_path(&f.file), f.line).replace(';', ":"))
+                .map(|f| {
+                    format!("{} {}:{}", f.function, short_path(&f.file), f.line).replace(';', ":")
+                })
                 .collect();
-            parts.push(format!("[{}]", kind.as_str()));
-            format!("{} {n}", parts.join(";"))
+            parts.push(format!("[{}]", s.kind.as_str()));
+            format!("{} {}", parts.join(";"), s.count)
         })
         .collect()
 }
@@ -37,7 +40,10 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
     let mut opts = Options::default();
     opts.title = format!(
         "Lock contention: pid {} {} ({}), {:.1} s",
-        report.target.pid, report.target.exe, report.target.go_version, report.sampling.elapsed_secs
+        report.target.pid,
+        report.target.exe,
+        report.target.go_version,
+        report.sampling.elapsed_secs
     );
     opts.subtitle = Some(format!(
         "waits seen by map-probe, probes attached {:.1} s in {} window(s), counts x{:.2}",
@@ -45,14 +51,23 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
     ));
     opts.count_name = "waits".into();
     opts.name_type = "Frame:".into();
-    let file = fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     if lines.is_empty() {
         // inferno refuses an empty profile; an empty graph still says "nothing seen".
         let empty = ["no contention seen 1".to_string()];
         opts.title.push_str(" (no contention seen)");
-        return flamegraph::from_lines(&mut opts, empty.iter().map(String::as_str), BufWriter::new(file))
-            .map_err(|e| anyhow!("flamegraph: {e}"));
+        return flamegraph::from_lines(
+            &mut opts,
+            empty.iter().map(String::as_str),
+            BufWriter::new(file),
+        )
+        .map_err(|e| anyhow!("flamegraph: {e}"));
     }
-    flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), BufWriter::new(file))
-        .map_err(|e| anyhow!("flamegraph: {e}"))
+    flamegraph::from_lines(
+        &mut opts,
+        lines.iter().map(String::as_str),
+        BufWriter::new(file),
+    )
+    .map_err(|e| anyhow!("flamegraph: {e}"))
 }

@@ -90,17 +90,36 @@ pub struct Site {
     pub stack: Vec<FrameOut>,
 }
 
+/// One attached probe point and the raw entry hits the kernel counted there.
+#[derive(Serialize, Debug)]
+pub struct ProbeOut {
+    pub symbol: String,
+    pub kind: Kind,
+    pub entry_offset: u64,
+    pub ret_offsets: usize,
+    pub raw_hits: u64,
+}
+
+/// A whole stack (innermost first) with its scaled count: one flamegraph tower.
+#[derive(Debug, Clone)]
+pub struct StackCount {
+    pub kind: Kind,
+    pub frames: Vec<FrameOut>,
+    pub count: u64,
+}
+
 #[derive(Serialize, Debug)]
 pub struct Report {
     pub target: TargetInfo,
     pub sampling: Sampling,
+    pub probes: Vec<ProbeOut>,
     pub drops: Drops,
     /// Why the run ended: "duration", "interrupted", "target-exited".
     pub end: String,
     pub sites: Vec<Site>,
-    /// Every stack with its scaled count, root last, for flamegraphs.
+    /// Every stack with its scaled count, for flamegraphs.
     #[serde(skip)]
-    pub stacks: Vec<(Kind, Vec<FrameOut>, u64)>,
+    pub stacks: Vec<StackCount>,
 }
 
 /// Frames that belong to the lock machinery rather than the user's code.
@@ -132,12 +151,30 @@ fn classify(frames: &[FrameOut], probe_kind: Kind) -> (usize, Kind) {
     (site, kind)
 }
 
+pub fn probe_hits(raw: &[RawSite], points: &[Point]) -> Vec<ProbeOut> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ProbeOut {
+            symbol: p.symbol.to_string(),
+            kind: p.kind,
+            entry_offset: p.entry_offset,
+            ret_offsets: p.ret_offsets.len(),
+            raw_hits: raw
+                .iter()
+                .filter(|r| r.point == i)
+                .map(|r| r.stats.count)
+                .sum(),
+        })
+        .collect()
+}
+
 pub fn build_sites(
     raw: &[RawSite],
     points: &[Point],
     sym: &mut Symbolizer,
     scale: f64,
-) -> (Vec<Site>, Vec<(Kind, Vec<FrameOut>, u64)>) {
+) -> (Vec<Site>, Vec<StackCount>) {
     struct Acc {
         site: FrameOut,
         kind: Kind,
@@ -151,8 +188,14 @@ pub fn build_sites(
     let mut by_site: HashMap<(Kind, String, String, u32), Acc> = HashMap::new();
     let mut flame: HashMap<(Kind, Vec<FrameOut>), u64> = HashMap::new();
     for r in raw {
-        let Some(point) = points.get(r.point) else { continue };
-        let frames: Vec<FrameOut> = sym.stack(&r.pcs, r.first_is_ip).iter().map(FrameOut::from).collect();
+        let Some(point) = points.get(r.point) else {
+            continue;
+        };
+        let frames: Vec<FrameOut> = sym
+            .stack(&r.pcs, r.first_is_ip)
+            .iter()
+            .map(FrameOut::from)
+            .collect();
         if frames.is_empty() {
             continue;
         }
@@ -215,8 +258,15 @@ pub fn build_sites(
             .then(b.wait.total_ns.cmp(&a.wait.total_ns))
             .then_with(|| a.function.cmp(&b.function))
     });
-    let mut stacks: Vec<_> = flame.into_iter().map(|((k, f), n)| (k, f, scaled(n))).collect();
-    stacks.sort_by(|a, b| b.2.cmp(&a.2));
+    let mut stacks: Vec<StackCount> = flame
+        .into_iter()
+        .map(|((kind, frames), n)| StackCount {
+            kind,
+            frames,
+            count: scaled(n),
+        })
+        .collect();
+    stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
     (sites, stacks)
 }
 
@@ -225,7 +275,12 @@ mod tests {
     use super::*;
 
     fn f(name: &str) -> FrameOut {
-        FrameOut { function: name.into(), file: "x.go".into(), line: 1, inlined: false }
+        FrameOut {
+            function: name.into(),
+            file: "x.go".into(),
+            line: 1,
+            inlined: false,
+        }
     }
 
     #[test]
@@ -239,7 +294,11 @@ mod tests {
             f("runtime.goexit"),
         ];
         assert_eq!(classify(&frames, Kind::Mutex), (4, Kind::RwmutexWrite));
-        let frames = vec![f("sync.runtime_SemacquireMutex"), f("sync.(*RWMutex).RLock"), f("main.read")];
+        let frames = vec![
+            f("sync.runtime_SemacquireMutex"),
+            f("sync.(*RWMutex).RLock"),
+            f("main.read"),
+        ];
         assert_eq!(classify(&frames, Kind::Mutex), (2, Kind::RwmutexRead));
         let frames = vec![f("internal/sync.runtime_SemacquireMutex"), f("main.hot")];
         assert_eq!(classify(&frames, Kind::Mutex), (1, Kind::Mutex));

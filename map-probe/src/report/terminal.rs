@@ -41,7 +41,11 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
             )?;
         }
         if report.sites.len() > top {
-            writeln!(out, "     ... {} more site(s) in the JSON report", report.sites.len() - top)?;
+            writeln!(
+                out,
+                "     ... {} more site(s) in the JSON report",
+                report.sites.len() - top
+            )?;
         }
     }
     let d = &report.drops;
@@ -61,7 +65,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

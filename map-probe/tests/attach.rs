@@ -1,0 +1,446 @@
+//! map-probe attached to live Go fixtures, as root, with real BPF: the sites it
+//! ranks, checked against the fixture's source, Go's own mutex profile and
+//! bpftrace counting the same uprobe.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use common::{go_fixture, require_root, workspace_root, Child, GoToolchain, Variant};
+use serde_json::Value;
+
+fn map_probe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_map-probe"))
+        .args(args)
+        .output()
+        .expect("run map-probe")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/test-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// The line of the one statement in the fixture source that contains `needle`.
+fn source_line(needle: &str) -> u32 {
+    let src = std::fs::read_to_string(workspace_root().join("fixtures/contended/main.go")).unwrap();
+    let lines: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == needle)
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{needle} must appear once in contended/main.go"
+    );
+    lines[0] as u32
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn start_contended(bin: &Path, extra: &[&str]) -> Child {
+    let mut args = vec!["-duration", "60s"];
+    args.extend_from_slice(extra);
+    let mut c = Child::spawn(bin, &args);
+    c.wait_for_line("ready pid=", Duration::from_secs(10));
+    c
+}
+
+fn site<'a>(report: &'a Value, function: &str, kind: &str) -> Option<&'a Value> {
+    report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["function"] == function && s["kind"] == kind)
+}
+
+/// Every build a Go service ships as: both toolchains; plain, stripped, PIE,
+/// externally linked, and stripped + external like Debian's own servers.
+#[test]
+fn ranks_call_sites_on_every_kind_of_build() {
+    require_root();
+    let expect = [
+        ("main.hotPath", "mutex", "hotMu.Lock()"),
+        ("main.warmPath", "mutex", "warmMu.Lock()"),
+        ("main.coolPath", "mutex", "coolMu.Lock()"),
+        ("main.readConfig", "rwmutex-read", "configMu.RLock()"),
+        ("main.writeConfig", "rwmutex-write", "configMu.Lock()"),
+    ];
+    for go in [GoToolchain::Go119, GoToolchain::Go126] {
+        for variant in [
+            Variant::Plain,
+            Variant::Stripped,
+            Variant::Pie,
+            Variant::External,
+            Variant::ExternalStripped,
+        ] {
+            let what = format!("{go:?}/{variant:?}");
+            let bin = go_fixture("contended", go, variant);
+            let fixture = start_contended(&bin, &[]);
+            let out_json = tmp(&format!("attach-{go:?}-{variant:?}.json"));
+            let out_svg = tmp(&format!("attach-{go:?}-{variant:?}.svg"));
+            let pid = fixture.pid().to_string();
+            let out = map_probe(&[
+                "attach",
+                "--pid",
+                &pid,
+                "--duration",
+                "4",
+                "--budget",
+                "0",
+                "--json",
+                out_json.to_str().unwrap(),
+                "--flamegraph",
+                out_svg.to_str().unwrap(),
+            ]);
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r = json(&out_json);
+            let want_go = match go {
+                GoToolchain::Go119 => "go1.19",
+                GoToolchain::Go126 => "go1.26",
+            };
+            assert!(
+                r["target"]["go_version"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(want_go),
+                "{what}"
+            );
+            assert_eq!(r["target"]["pid"], fixture.pid(), "{what}");
+            assert_eq!(r["drops"]["site_map_full"], 0, "{what}");
+            assert!(
+                r["sampling"]["raw_hits"].as_u64().unwrap() > 100,
+                "{what}: {r}"
+            );
+            for (function, kind, stmt) in expect {
+                let s = site(&r, function, kind).unwrap_or_else(|| {
+                    panic!("{what}: no {kind} site in {function}: {}", r["sites"])
+                });
+                assert!(
+                    s["file"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with("fixtures/contended/main.go"),
+                    "{what}: {s}"
+                );
+                assert_eq!(
+                    s["line"],
+                    source_line(stmt),
+                    "{what}: {function} should point at `{stmt}`"
+                );
+                assert!(s["count"].as_u64().unwrap() > 0, "{what}: {s}");
+                let stack = s["stack"].as_array().unwrap();
+                assert!(stack.len() >= 3, "{what}: {s}");
+                // Innermost first: the runtime semaphore, then the lock, then the user's function.
+                assert!(
+                    stack[0]["function"]
+                        .as_str()
+                        .unwrap()
+                        .contains("runtime_Semacquire"),
+                    "{what}: {s}"
+                );
+                assert!(
+                    stack.iter().any(|f| f["function"] == function),
+                    "{what}: {s}"
+                );
+                assert!(stack
+                    .iter()
+                    .all(|f| f["line"].as_u64().is_some() && f["file"].is_string()));
+            }
+            // The three mutexes are contended in a clear order.
+            let count = |f| site(&r, f, "mutex").unwrap()["count"].as_u64().unwrap();
+            assert!(
+                count("main.hotPath") > count("main.warmPath"),
+                "{what}: {}",
+                r["sites"]
+            );
+            assert!(
+                count("main.warmPath") > count("main.coolPath"),
+                "{what}: {}",
+                r["sites"]
+            );
+            let svg = std::fs::read_to_string(&out_svg).unwrap();
+            assert!(
+                svg.contains("main.hotPath main.go:"),
+                "{what}: flamegraph frames are `function file:line`"
+            );
+            assert!(
+                svg.contains(&format!("pid {}", fixture.pid())),
+                "{what}: title names the target"
+            );
+            drop(fixture);
+        }
+    }
+}
+
+/// Go's own mutex profile ranks the same top three functions. It charges
+/// contention at Unlock and weighs by delay, map-probe counts waits at the
+/// waiter; each fixture function locks and unlocks its own mutex, so the
+/// functions are comparable.
+#[test]
+fn top_sites_match_the_go_mutex_profile() {
+    require_root();
+    for go in [GoToolchain::Go119, GoToolchain::Go126] {
+        let bin = go_fixture("contended", go, Variant::Plain);
+        let profile = tmp(&format!("mutexprofile-{go:?}.txt"));
+        let _ = std::fs::remove_file(&profile);
+        let mut fixture = start_contended(
+            &bin,
+            &[
+                "-duration",
+                "8s",
+                "-mutexprofile",
+                profile.to_str().unwrap(),
+            ],
+        );
+        let out_json = tmp(&format!("accuracy-{go:?}.json"));
+        let pid = fixture.pid().to_string();
+        // Default governor: the ranking must survive windowed sampling.
+        let out = map_probe(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--duration",
+            "6",
+            "--json",
+            out_json.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fixture.wait_for_line("exit reason=", Duration::from_secs(20));
+        let ours: Vec<String> = distinct_functions(
+            json(&out_json)["sites"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["function"].as_str().unwrap().to_string()),
+        );
+        let theirs = go_profile_top(&std::fs::read_to_string(&profile).unwrap());
+        eprintln!(
+            "{go:?}: map-probe top {:?}, Go mutex profile top {:?}",
+            &ours[..3.min(ours.len())],
+            &theirs[..3.min(theirs.len())]
+        );
+        let a: HashSet<_> = ours.iter().take(3).collect();
+        let b: HashSet<_> = theirs.iter().take(3).collect();
+        assert_eq!(
+            a, b,
+            "{go:?}: top-3 functions differ: map-probe {ours:?} vs Go {theirs:?}"
+        );
+    }
+}
+
+fn distinct_functions(it: impl Iterator<Item = String>) -> Vec<String> {
+    let mut seen = Vec::new();
+    for f in it {
+        if !seen.contains(&f) {
+            seen.push(f);
+        }
+    }
+    seen
+}
+
+/// Functions of a text (debug=1) mutex profile, ranked by contention delay.
+/// Each record is `cycles count @ pcs` followed by `#\tpc\tfunc+off\tfile:line`
+/// lines; the record's function is its first frame outside sync and runtime.
+fn go_profile_top(text: &str) -> Vec<String> {
+    let mut by_fn: Vec<(String, u64)> = Vec::new();
+    let mut cycles = 0u64;
+    let mut open = false;
+    for line in text.lines() {
+        if line.contains(" @ ") && !line.starts_with('#') {
+            cycles = line
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            open = true;
+        } else if open && line.starts_with("#\t") {
+            let func = line
+                .split('\t')
+                .nth(2)
+                .unwrap_or("")
+                .split('+')
+                .next()
+                .unwrap_or("");
+            if !(func.starts_with("sync.")
+                || func.starts_with("internal/sync.")
+                || func.starts_with("runtime."))
+            {
+                match by_fn.iter_mut().find(|(f, _)| f == func) {
+                    Some(e) => e.1 += cycles,
+                    None => by_fn.push((func.to_string(), cycles)),
+                }
+                open = false;
+            }
+        }
+    }
+    by_fn.sort_by_key(|e| std::cmp::Reverse(e.1));
+    by_fn.into_iter().map(|(f, _)| f).collect()
+}
+
+/// bpftrace, attached to the same probe point, counts the same hits over a
+/// burst of exactly N lock iterations that starts after both are attached and
+/// ends before both detach.
+#[test]
+fn raw_hits_agree_with_bpftrace() {
+    require_root();
+    for go in [GoToolchain::Go119, GoToolchain::Go126] {
+        let bin = go_fixture("contended", go, Variant::Plain);
+        let mut fixture = Child::spawn(&bin, &["-duration", "0", "-burst", "60000"]);
+        fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+        let pid = fixture.pid();
+        let sym = match go {
+            GoToolchain::Go119 => "sync.runtime_SemacquireMutex",
+            GoToolchain::Go126 => "internal/sync.runtime_SemacquireMutex",
+        };
+        // bpftrace's probe sits on the function's first instruction; ours after
+        // the stack check. Only a morestack restart tells them apart.
+        let script = format!(
+            "uprobe:{}:\"{sym}\" /pid == {pid}/ {{ @hits = count(); }} END {{ printf(\"hits=%d\\n\", (int64)@hits); clear(@hits); }}",
+            bin.display()
+        );
+        let mut bt = Child::spawn_cmd(common::command("bpftrace", &["-e", &script]));
+        bt.wait_for_line("Attaching", Duration::from_secs(30));
+        let out_json = tmp(&format!("bpftrace-{go:?}.json"));
+        let mut mp = Child::spawn_cmd(common::command(
+            env!("CARGO_BIN_EXE_map-probe"),
+            &[
+                "attach",
+                "--pid",
+                &pid.to_string(),
+                "--budget",
+                "0",
+                "--json",
+                out_json.to_str().unwrap(),
+            ],
+        ));
+        std::thread::sleep(Duration::from_secs(2));
+        fixture.signal(libc::SIGUSR1);
+        fixture.wait_for_line("burst done", Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(500));
+        mp.signal(libc::SIGINT);
+        assert!(mp.wait().success());
+        bt.signal(libc::SIGINT);
+        let line = bt.wait_for_line("hits=", Duration::from_secs(10));
+        let theirs: f64 = line.trim_start_matches("hits=").trim().parse().unwrap();
+        let r = json(&out_json);
+        let ours = r["probes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["symbol"] == sym)
+            .unwrap()["raw_hits"]
+            .as_u64()
+            .unwrap() as f64;
+        eprintln!("{go:?}: {sym}: map-probe {ours} hits, bpftrace {theirs}");
+        assert!(
+            theirs > 1000.0,
+            "{go:?}: the burst should contend: bpftrace saw {theirs}"
+        );
+        assert!(
+            (ours - theirs).abs() <= theirs * 0.01,
+            "{go:?}: map-probe {ours} vs bpftrace {theirs}: more than 1% apart"
+        );
+    }
+}
+
+/// `run` starts the program with the probes already in place.
+#[test]
+fn run_probes_from_the_first_instruction() {
+    require_root();
+    for go in [GoToolchain::Go119, GoToolchain::Go126] {
+        let bin = go_fixture("contended", go, Variant::Stripped);
+        let out_json = tmp(&format!("run-{go:?}.json"));
+        let out = map_probe(&[
+            "run",
+            "--budget",
+            "0",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--",
+            bin.to_str().unwrap(),
+            "-duration",
+            "3s",
+        ]);
+        assert!(
+            out.status.success(),
+            "{go:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = json(&out_json);
+        assert_eq!(r["end"], "target-exited");
+        assert_eq!(
+            r["sampling"]["windows"], 1,
+            "{go:?}: one window, opened before the program ran"
+        );
+        assert!(
+            site(&r, "main.hotPath", "mutex").is_some(),
+            "{go:?}: {}",
+            r["sites"]
+        );
+    }
+}
+
+/// A target in its own mount namespace, running a binary that exists only
+/// there (a tmpfs mounted inside it): map-probe reaches it through /proc.
+#[test]
+fn attaches_across_mount_namespaces() {
+    require_root();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Stripped);
+    let script = format!(
+        "mkdir -p /tmp/mp-ns && mount -t tmpfs none /tmp/mp-ns && cp {} /tmp/mp-ns/contended && exec /tmp/mp-ns/contended -duration 30s",
+        bin.display()
+    );
+    let mut fixture = Child::spawn_cmd(common::command(
+        "unshare",
+        &["--mount", "--propagation", "private", "sh", "-c", &script],
+    ));
+    let line = fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+    let pid = line.trim_start_matches("ready pid=").trim().to_string();
+    assert!(
+        !Path::new("/tmp/mp-ns/contended").exists(),
+        "the binary must not be visible from the host's mount namespace"
+    );
+    let out_json = tmp("mountns.json");
+    let out = map_probe(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--duration",
+        "3",
+        "--budget",
+        "0",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out_json);
+    assert_eq!(r["target"]["exe"], "/tmp/mp-ns/contended");
+    assert!(
+        site(&r, "main.hotPath", "mutex").is_some(),
+        "{}",
+        r["sites"]
+    );
+}

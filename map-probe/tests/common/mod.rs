@@ -1,0 +1,370 @@
+//! Shared harness of the integration tests: building the Go fixtures in `fixtures/` with both
+//! Go toolchains and in several link variants, running them, and finding map-probe.
+//!
+//! Use it with `mod common;` from a test file. `map_probe_bin()` reads
+//! `env!("CARGO_BIN_EXE_map-probe")`, which works here because this file is compiled as part
+//! of each integration test crate.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Which Go builds a fixture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GoToolchain {
+    /// Debian's `golang-1.19-go`: `/usr/lib/go-1.19/bin/go`.
+    Go119,
+    /// The machine's `go` on PATH (Go 1.26).
+    Go126,
+}
+
+impl GoToolchain {
+    pub const ALL: [GoToolchain; 2] = [GoToolchain::Go119, GoToolchain::Go126];
+
+    pub fn go_binary(self) -> PathBuf {
+        match self {
+            GoToolchain::Go119 => PathBuf::from("/usr/lib/go-1.19/bin/go"),
+            GoToolchain::Go126 => {
+                which("go").unwrap_or_else(|| PathBuf::from("/usr/local/go/bin/go"))
+            }
+        }
+    }
+
+    /// What `go version` reports for binaries it builds starts with this.
+    pub fn version_prefix(self) -> &'static str {
+        match self {
+            GoToolchain::Go119 => "go1.19",
+            GoToolchain::Go126 => "go1.26",
+        }
+    }
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            GoToolchain::Go119 => "go119",
+            GoToolchain::Go126 => "go126",
+        }
+    }
+}
+
+/// How a fixture is linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// Internal linker, static, with symbols (CGO_ENABLED=0).
+    Plain,
+    /// `-ldflags='-s -w'`: no `.symtab`, no DWARF.
+    Stripped,
+    /// `-buildmode=pie`.
+    Pie,
+    /// CGO_ENABLED=1 `-ldflags=-linkmode=external` (gcc links it).
+    External,
+    /// External linking and `-s -w`.
+    ExternalStripped,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] = [
+        Variant::Plain,
+        Variant::Stripped,
+        Variant::Pie,
+        Variant::External,
+        Variant::ExternalStripped,
+    ];
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Stripped => "stripped",
+            Variant::Pie => "pie",
+            Variant::External => "external",
+            Variant::ExternalStripped => "external-stripped",
+        }
+    }
+}
+
+/// The workspace root (the folder holding `fixtures/` and `target/`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The map-probe binary cargo built for this test run.
+pub fn map_probe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_map-probe"))
+}
+
+/// Panics with a clear message unless running as root (loading BPF needs it).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test must run as root (it loads BPF programs); run `cargo xtask test` as root"
+    );
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Builds `fixtures/<name>` with `go` in variant `v` (once per test process) into
+/// `target/fixtures/<name>-<go>-<variant>` and returns the binary's path. Panics with the
+/// compiler's output if the build fails.
+pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
+    type Built = HashMap<(String, GoToolchain, Variant), PathBuf>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    // Held while building: fixtures build one at a time, each at most once per process.
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = built.get(&(name.to_string(), go, v)) {
+        return p.clone();
+    }
+    let root = workspace_root();
+    let out_dir = root.join("target/fixtures");
+    std::fs::create_dir_all(&out_dir).expect("create target/fixtures");
+    let out = out_dir.join(format!("{name}-{}-{}", go.tag(), v.tag()));
+    // Build beside the final name, then rename: another test process may be using it.
+    let tmp = out_dir.join(format!(
+        ".{name}-{}-{}.{}",
+        go.tag(),
+        v.tag(),
+        std::process::id()
+    ));
+
+    let mut cmd = Command::new(go.go_binary());
+    cmd.current_dir(root.join("fixtures"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .stdin(Stdio::null());
+    if std::env::var_os("HOME").is_none() && std::env::var_os("XDG_CACHE_HOME").is_none() {
+        cmd.env("GOCACHE", out_dir.join(".gocache"))
+            .env("GOPATH", out_dir.join(".gopath"));
+    }
+    cmd.args(["build", "-o"]).arg(&tmp);
+    let external = matches!(v, Variant::External | Variant::ExternalStripped);
+    cmd.env("CGO_ENABLED", if external { "1" } else { "0" });
+    match v {
+        Variant::Plain => {}
+        Variant::Stripped => {
+            cmd.arg("-ldflags=-s -w");
+        }
+        Variant::Pie => {
+            cmd.arg("-buildmode=pie");
+        }
+        Variant::External => {
+            cmd.arg("-ldflags=-linkmode=external");
+        }
+        Variant::ExternalStripped => {
+            cmd.arg("-ldflags=-linkmode=external -s -w");
+        }
+    }
+    cmd.arg(format!("./{name}"));
+    let t0 = Instant::now();
+    let res = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", go.go_binary().display()));
+    assert!(
+        res.status.success(),
+        "building fixture {name} ({go:?}, {v:?}) failed: {}\n{}",
+        res.status,
+        String::from_utf8_lossy(&res.stderr)
+    );
+    std::fs::rename(&tmp, &out).expect("move fixture binary into place");
+    eprintln!(
+        "built {} in {:.1}s",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    built.insert((name.to_string(), go, v), out.clone());
+    out
+}
+
+/// `go version <bin>` as reported by `go`: e.g. "go1.19.8".
+pub fn go_version_of(go: GoToolchain, bin: &Path) -> String {
+    let out = Command::new(go.go_binary())
+        .arg("version")
+        .arg(bin)
+        .env("GOTOOLCHAIN", "local")
+        .output()
+        .expect("run go version");
+    assert!(out.status.success(), "go version {} failed", bin.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find(|w| w.starts_with("go1"))
+        .unwrap_or_else(|| panic!("no version in `{text}`"))
+        .to_string()
+}
+
+/// A `Command` for `prog args...`, for `Child::spawn_cmd`.
+pub fn command<S: AsRef<std::ffi::OsStr>>(
+    prog: impl AsRef<std::ffi::OsStr>,
+    args: &[S],
+) -> Command {
+    let mut c = Command::new(prog);
+    c.args(args);
+    c
+}
+
+/// A spawned program whose stdout and stderr are read line by line on threads. Dropping it
+/// kills (SIGKILL) and reaps it.
+pub struct Child {
+    child: std::process::Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Child {
+    /// Starts `path args...` with piped stdout and stderr.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(path: impl AsRef<Path>, args: &[S]) -> Child {
+        let mut cmd = Command::new(path.as_ref());
+        cmd.args(args);
+        Child::spawn_cmd(cmd)
+    }
+
+    /// Starts a prepared command (for extra env or a working directory); stdio is replaced.
+    pub fn spawn_cmd(mut cmd: Command) -> Child {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stdout = reader(child.stdout.take().expect("stdout"), "", seen.clone());
+        let stderr = reader(
+            child.stderr.take().expect("stderr"),
+            "[stderr] ",
+            seen.clone(),
+        );
+        Child {
+            child,
+            stdout,
+            stderr,
+            seen,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stdout line starting with `prefix` and returns it (whole); earlier lines
+    /// are skipped. Panics on timeout or end of output, showing what was printed.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        wait_line(&self.stdout, prefix, timeout, &self.seen, "stdout")
+    }
+
+    /// Like `wait_for_line`, for stderr.
+    pub fn wait_for_stderr_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        wait_line(&self.stderr, prefix, timeout, &self.seen, "stderr")
+    }
+
+    /// Every line printed so far (stderr lines start with "[stderr] ").
+    pub fn output_so_far(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends signal `sig` (e.g. `libc::SIGUSR1`).
+    pub fn signal(&self, sig: i32) {
+        if self.status.is_some() {
+            return;
+        }
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Still running (not exited, not reaped)?
+    pub fn running(&mut self) -> bool {
+        self.wait_timeout(Duration::ZERO).is_none()
+    }
+
+    /// Waits (up to a minute) for the process to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.wait_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("pid {} did not exit within 60 s", self.pid()))
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status {
+                return Some(s);
+            }
+            if let Ok(Some(s)) = self.child.try_wait() {
+                self.status = Some(s);
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn reader(
+    stream: impl Read + Send + 'static,
+    tag: &'static str,
+    seen: Arc<Mutex<Vec<String>>>,
+) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{tag}{line}"));
+            if tx.send(line).is_err() {
+                // Nobody listens any more; keep draining so the child never blocks.
+                continue;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(
+    rx: &Receiver<String>,
+    prefix: &str,
+    timeout: Duration,
+    seen: &Mutex<Vec<String>>,
+    which: &str,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(prefix) => return line,
+            Ok(_) => continue,
+            Err(e) => {
+                let why = match e {
+                    RecvTimeoutError::Timeout => format!("not within {timeout:?}"),
+                    RecvTimeoutError::Disconnected => "the output ended".to_string(),
+                };
+                let out = seen.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+                panic!("no {which} line starting with `{prefix}`: {why}; output so far:\n{out}");
+            }
+        }
+    }
+}
