@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod doctor;
 pub mod gobin;
 pub mod governor;
+pub mod launch;
 pub mod probes;
 pub mod report;
 pub mod session;

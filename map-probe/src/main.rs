@@ -1,5 +1,4 @@
 use std::{
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -10,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use map_probe::{
     catalog::{self, Purpose},
     doctor::{self, Host},
-    governor,
+    governor, launch,
     probes::Probes,
-    session::{self, Child, End, Outputs},
+    session::{self, End, Outputs},
     target::{self, Target},
 };
 
@@ -172,94 +171,46 @@ fn plan(target: &Target) -> Result<catalog::Plan> {
     Ok(plan)
 }
 
-struct Spawned {
-    child: std::process::Child,
-    status: Option<i32>,
-}
-
-impl Child for Spawned {
-    fn exited(&mut self) -> Option<i32> {
-        if self.status.is_none() {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                use std::os::unix::process::ExitStatusExt;
-                self.status = Some(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
-            }
-        }
-        self.status
-    }
-}
-
 fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
     Host::probe().require()?;
     let exe = resolve_command(&cmd[0])?;
     let bin = target::open_go(&exe, &exe)?;
+    let plan_for = |t: &Target| plan(t);
     // The child stops itself between fork and exec: the probes go in while
     // nothing of the program has run, and the kernel plants them as the
     // binary is mapped.
-    let mut command = std::process::Command::new(&exe);
-    command.args(&cmd[1..]);
-    unsafe {
-        command.pre_exec(|| {
-            if libc::raise(libc::SIGSTOP) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = command
-        .spawn()
-        .map_err(|e| anyhow!("cannot start {}: {e}", exe.display()))?;
-    let pid = child.id();
-    let mut spawned = Spawned {
-        child,
-        status: None,
-    };
-    let mut st = 0;
-    if unsafe { libc::waitpid(pid as i32, &mut st, libc::WUNTRACED) } != pid as i32
-        || !libc::WIFSTOPPED(st)
-    {
-        bail!("{} did not start", exe.display());
-    }
+    let mut child = launch::spawn_stopped(&exe, &cmd[1..])?;
+    let pid = child.pid;
     let mut target = Target::from_spawned(pid, exe.canonicalize().unwrap_or(exe.clone()), bin);
     let prepared = (|| {
-        let plan = plan(&target)?;
-        let probes = Probes::load(pid, target.open_path.clone(), &plan.points)?;
+        let plan = plan_for(&target)?;
+        let mut probes = Probes::load(pid, target.open_path.clone(), &plan.points)?;
+        // The first window opens before the program runs.
+        probes.attach()?;
         anyhow::Ok((plan, probes))
     })();
-    let (plan, mut probes) = match prepared {
+    let (plan, probes) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            let _ = spawned.child.wait();
+            child.kill(libc::SIGKILL);
+            child.wait();
             return Err(e);
         }
     };
-    // The first window opens before the program runs.
-    probes.attach()?;
-    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    child.resume();
     target.settle_after_exec()?;
-    let out = session::observe(&target, &plan, probes, &opts, Some(&mut spawned))?;
+    let out = session::observe(&target, &plan, probes, &opts, Some(&mut child))?;
     session::write_outputs(&out.report, &opts.outputs)?;
     let code = match out.end {
-        End::TargetExited => spawned.exited().unwrap_or(0),
+        End::TargetExited => child.try_wait().unwrap_or(0),
         End::Interrupted => {
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            spawned
-                .child
-                .wait()
-                .ok()
-                .and_then(|s| s.code())
-                .unwrap_or(130)
+            child.kill(libc::SIGTERM);
+            child.wait()
         }
         End::Duration => {
             eprintln!("map-probe: observation over; waiting for PID {pid} to exit");
-            spawned
-                .child
-                .wait()
-                .ok()
-                .and_then(|s| s.code())
-                .unwrap_or(0)
+            child.wait()
         }
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))

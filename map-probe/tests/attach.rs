@@ -201,6 +201,7 @@ fn top_sites_match_the_go_mutex_profile() {
         let mut fixture = start_contended(
             &bin,
             &[
+                "-rw=false",
                 "-duration",
                 "8s",
                 "-mutexprofile",
@@ -314,7 +315,7 @@ fn raw_hits_agree_with_bpftrace() {
         // bpftrace's probe sits on the function's first instruction; ours after
         // the stack check. Only a morestack restart tells them apart.
         let script = format!(
-            "uprobe:{}:\"{sym}\" /pid == {pid}/ {{ @hits = count(); }} END {{ printf(\"hits=%d\\n\", (int64)@hits); clear(@hits); }}",
+            "uprobe:{}:\"{sym}\" /pid == {pid}/ {{ @hits = count(); }} END {{ print(@hits); clear(@hits); }}",
             bin.display()
         );
         let mut bt = Child::spawn_cmd(common::command("bpftrace", &["-e", &script]));
@@ -339,8 +340,8 @@ fn raw_hits_agree_with_bpftrace() {
         mp.signal(libc::SIGINT);
         assert!(mp.wait().success());
         bt.signal(libc::SIGINT);
-        let line = bt.wait_for_line("hits=", Duration::from_secs(10));
-        let theirs: f64 = line.trim_start_matches("hits=").trim().parse().unwrap();
+        let line = bt.wait_for_line("@hits: ", Duration::from_secs(10));
+        let theirs: f64 = line.trim_start_matches("@hits: ").trim().parse().unwrap();
         let r = json(&out_json);
         let ours = r["probes"]
             .as_array()

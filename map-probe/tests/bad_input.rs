@@ -62,11 +62,13 @@ fn go_older_than_supported() {
     // check is what stops map-probe, before any probe goes in.
     let bin = go_fixture("contended", GoToolchain::Go119, Variant::Plain);
     let mut data = std::fs::read(&bin).unwrap();
-    let at = data
-        .windows(8)
-        .position(|w| w == b"go1.19.8")
-        .expect("version string in .go.buildinfo");
-    data[at..at + 8].copy_from_slice(b"go1.17.8");
+    // Both copies: .go.buildinfo's and runtime.buildVersion's.
+    let mut patched = 0;
+    while let Some(at) = data.windows(8).position(|w| w == b"go1.19.8") {
+        data[at..at + 8].copy_from_slice(b"go1.17.8");
+        patched += 1;
+    }
+    assert!(patched >= 1, "version string in .go.buildinfo");
     let old = tmp("contended-claims-go1.17");
     std::fs::write(&old, &data).unwrap();
     std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
