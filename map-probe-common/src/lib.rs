@@ -23,8 +23,104 @@ pub mod stat {
     pub const RET_UNMATCHED: u32 = 4;
     /// Return hits of lock-wait probes.
     pub const RET_HITS: u32 = 5;
-    pub const COUNT: u32 = 8;
+    /// Entry and return hits of map-write probes.
+    pub const MAP_HITS: u32 = 6;
+    pub const MAP_RET_HITS: u32 = 7;
+    /// An overlap seen but not recorded: the overlap map was full.
+    pub const OVERLAP_FULL: u32 = 8;
+    /// A map write not tracked: no room in the writers map.
+    pub const WRITERS_FULL: u32 = 9;
+    /// Hits of the fatal-error probes, and thread stacks caught during a crash.
+    pub const FATAL_HITS: u32 = 10;
+    pub const CRASH_STACKS: u32 = 11;
+    /// A crash-time record (fatal or thread stack) lost: its map was full.
+    pub const CRASH_FULL: u32 = 12;
+    pub const COUNT: u32 = 16;
 }
+
+/// Written by the agent before each map-write window: writes remembered
+/// from an earlier window (whose return the probes never saw) are ignored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Control {
+    pub generation: u64,
+}
+
+/// A goroutine inside a write to a plain map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Writer {
+    pub g: u64,
+    pub goid: u64,
+    pub caller: u64,
+    pub start_ns: u64,
+    pub generation: u64,
+    pub stack_id: i32,
+    pub probe: u32,
+}
+
+/// Two goroutines inside writes to the same map at once: the one already
+/// inside (`first`) and the one entering (`second`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverlapKey {
+    pub map: u64,
+    pub first_caller: u64,
+    pub second_caller: u64,
+    pub first_stack: i32,
+    pub second_stack: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OverlapVal {
+    pub count: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub first_goid: u64,
+    pub second_goid: u64,
+    pub first_probe: u32,
+    pub second_probe: u32,
+}
+
+pub const FATAL_MSG: usize = 128;
+
+/// The throwing thread of a fatal error, one per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Fatal {
+    pub ts_ns: u64,
+    pub g: u64,
+    pub goid: u64,
+    pub caller: u64,
+    /// The map this goroutine was writing, when a map-write window was open.
+    pub map: u64,
+    pub stack_id: i32,
+    pub probe: u32,
+    pub msg_len: u32,
+    pub _pad: u32,
+    pub msg: [u8; FATAL_MSG],
+}
+
+/// Another thread's user stack, caught as Go freezes the world for a fatal
+/// error (it signals every running thread with SIGURG).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrashStack {
+    pub ts_ns: u64,
+    pub g: u64,
+    pub goid: u64,
+    pub ip: u64,
+    pub map: u64,
+    pub stack_id: i32,
+    pub _pad: u32,
+}
+
+/// SIGURG: Go's preemption signal, also what freezes the world on a fatal error.
+pub const SIGURG: i32 = 23;
+pub const MAX_WRITERS: u32 = 65536;
+pub const MAX_OVERLAPS: u32 = 4096;
+pub const MAX_CRASH: u32 = 1024;
 
 /// One contention site as the kernel aggregates it: which probe point, which
 /// user stack, and the return address the frame-pointer walk misses at a
@@ -71,4 +167,10 @@ mod user {
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for SiteStats {}
     unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for Writer {}
+    unsafe impl aya::Pod for OverlapKey {}
+    unsafe impl aya::Pod for OverlapVal {}
+    unsafe impl aya::Pod for Fatal {}
+    unsafe impl aya::Pod for CrashStack {}
 }

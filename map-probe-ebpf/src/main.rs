@@ -5,20 +5,30 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
-    programs::{ProbeContext, tracing::StackIdContext},
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        generated::bpf_probe_read_user as probe_read_user_raw,
+    },
+    macros::{map, raw_tracepoint, uprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    programs::{ProbeContext, RawTracePointContext, tracing::StackIdContext},
 };
 use map_probe_common::{
-    COOKIE_RET, Inflight, MAX_INFLIGHT, MAX_SITES, MAX_STACKS, SiteKey, SiteStats, stat,
+    COOKIE_RET, Control, CrashStack, FATAL_MSG, Fatal, Inflight, MAX_CRASH, MAX_INFLIGHT,
+    MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, OverlapKey, OverlapVal, SIGURG, SiteKey,
+    SiteStats, Writer, stat,
 };
 
 /// Host tgid of the target. uprobe_multi links are already PID-scoped; this
 /// guards against a probe that outlives a PID reuse.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
+
+/// Offset of `goid` in the runtime's `g` for the target's Go version.
+#[unsafe(no_mangle)]
+static GOID_OFFSET: u64 = 152;
 
 #[map]
 static SITES: PerCpuHashMap<SiteKey, SiteStats> = PerCpuHashMap::with_max_entries(MAX_SITES, 0);
@@ -31,6 +41,37 @@ static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_IN
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map]
+static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+/// Per map header: the goroutine that last entered a write to it.
+#[map]
+static WRITERS: LruHashMap<u64, Writer> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
+
+/// Per goroutine: the map it is writing, so the RET (where the map pointer
+/// is gone from the registers) and the crash probes can find it.
+#[map]
+static WRITING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
+
+#[map]
+static OVERLAPS: PerCpuHashMap<OverlapKey, OverlapVal> =
+    PerCpuHashMap::with_max_entries(MAX_OVERLAPS, 0);
+
+/// Set (to the time) by the first fatal error: from then on SIGURG
+/// deliveries are Go freezing the world, and worth a stack each.
+#[map]
+static FATAL_AT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+static FATALS: HashMap<u32, Fatal> = HashMap::with_max_entries(MAX_CRASH, 0);
+
+#[map]
+static CRASH_STACKS: HashMap<u32, CrashStack> = HashMap::with_max_entries(MAX_CRASH, 0);
+
+/// Scratch space for a `Fatal`, too big for the BPF stack with the rest.
+#[map]
+static FATAL_SCRATCH: PerCpuArray<Fatal> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {
@@ -117,6 +158,192 @@ fn wait_ended(g: u64, now: u64) {
             }
         }
     }
+}
+
+#[inline(always)]
+fn goid_of(g: u64) -> u64 {
+    let off = unsafe { core::ptr::read_volatile(&GOID_OFFSET) };
+    unsafe { bpf_probe_read_user((g + off) as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
+    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id as i32,
+        Err(_) => {
+            bump(stat::STACK_LOST);
+            -1
+        }
+    }
+}
+
+/// Runs after the stack check of `runtime.mapassign*`, `mapdelete*` and
+/// `mapclear` (map header in RBX in every Go version we support) and at
+/// their RETs. Two goroutines inside writes to one map at once is the race
+/// Go's own check catches only sometimes, and only by crashing.
+#[uprobe(multi)]
+pub fn map_write(ctx: ProbeContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let regs = unsafe { &*ctx.regs };
+    let g = regs.r14;
+    if cookie & COOKIE_RET != 0 {
+        bump(stat::MAP_RET_HITS);
+        map_write_ended(g);
+    } else {
+        bump(stat::MAP_HITS);
+        map_write_started(&ctx, cookie as u32, regs.rbx, regs.rsp, g);
+    }
+    0
+}
+
+#[inline(always)]
+fn map_write_started(ctx: &ProbeContext, probe: u32, map: u64, sp: u64, g: u64) {
+    let generation = CONTROL.get(0).map_or(0, |c| c.generation);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let me = Writer {
+        g,
+        goid: goid_of(g),
+        caller: unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0),
+        start_ns: now,
+        generation,
+        stack_id: user_stack(ctx),
+        probe,
+    };
+    if let Some(other) = unsafe { WRITERS.get(&map) } {
+        if other.generation == generation && other.g != g {
+            overlap(map, other, &me, now);
+        }
+    }
+    if WRITERS.insert(&map, &me, 0).is_err() || WRITING.insert(&g, &map, 0).is_err() {
+        bump(stat::WRITERS_FULL);
+    }
+}
+
+#[inline(always)]
+fn overlap(map: u64, first: &Writer, second: &Writer, now: u64) {
+    let key = OverlapKey {
+        map,
+        first_caller: first.caller,
+        second_caller: second.caller,
+        first_stack: first.stack_id,
+        second_stack: second.stack_id,
+    };
+    if let Some(v) = OVERLAPS.get_ptr_mut(&key) {
+        unsafe {
+            (*v).count += 1;
+            (*v).last_ns = now;
+        }
+        return;
+    }
+    let v = OverlapVal {
+        count: 1,
+        first_ns: now,
+        last_ns: now,
+        first_goid: first.goid,
+        second_goid: second.goid,
+        first_probe: first.probe,
+        second_probe: second.probe,
+    };
+    if OVERLAPS.insert(&key, &v, 0).is_err() {
+        bump(stat::OVERLAP_FULL);
+    }
+}
+
+#[inline(always)]
+fn map_write_ended(g: u64) {
+    let Some(map) = (unsafe { WRITING.get(&g) }).copied() else {
+        return;
+    };
+    let _ = WRITING.remove(&g);
+    if unsafe { WRITERS.get(&map) }.is_some_and(|w| w.g == g) {
+        let _ = WRITERS.remove(&map);
+    }
+}
+
+/// `runtime.fatal` and `internal/runtime/maps.fatal` (message in RAX/RBX):
+/// the throwing goroutine's stack and message, kept per thread, before the
+/// process dies. Always attached: it runs once per process lifetime.
+#[uprobe(multi)]
+pub fn go_fatal(ctx: ProbeContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    bump(stat::FATAL_HITS);
+    let regs = unsafe { &*ctx.regs };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(at) = FATAL_AT.get_ptr_mut(0) {
+        unsafe {
+            if *at == 0 {
+                *at = now;
+            }
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(f) = FATAL_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let f = unsafe { &mut *f };
+    let g = regs.r14;
+    f.ts_ns = now;
+    f.g = g;
+    f.goid = goid_of(g);
+    f.caller = unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0);
+    f.map = unsafe { WRITING.get(&g) }.copied().unwrap_or(0);
+    f.stack_id = user_stack(&ctx);
+    f.probe = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let len = (regs.rbx as usize).min(FATAL_MSG - 1);
+    f.msg_len = len as u32;
+    f.msg = [0; FATAL_MSG];
+    unsafe {
+        probe_read_user_raw(f.msg.as_mut_ptr().cast(), len as u32, regs.rax as *const _);
+    }
+    // The first fatal on a thread wins: maps.fatal calls runtime.fatal.
+    if FATALS.insert(&tid, f, BPF_NOEXIST as u64).is_err() && unsafe { FATALS.get(&tid) }.is_none() {
+        bump(stat::CRASH_FULL);
+    }
+    0
+}
+
+/// SIGURG deliveries to the target after a fatal error: Go is stopping every
+/// running goroutine, so each delivery shows what another thread was doing
+/// (often the other writer, still inside the map write).
+#[raw_tracepoint(tracepoint = "signal_deliver")]
+pub fn crash_signal(ctx: RawTracePointContext) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    // trace_signal_deliver(int sig, struct kernel_siginfo *info, struct k_sigaction *ka)
+    if ctx.arg::<u64>(0) as i32 != SIGURG {
+        return 0;
+    }
+    if FATAL_AT.get(0).is_none_or(|t| *t == 0) {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let (g, ip) = unsafe {
+        (
+            bpf_probe_read_kernel(&raw const (*regs).r14).unwrap_or(0),
+            bpf_probe_read_kernel(&raw const (*regs).rip).unwrap_or(0),
+        )
+    };
+    let st = CrashStack {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        g,
+        goid: goid_of(g),
+        ip,
+        map: unsafe { WRITING.get(&g) }.copied().unwrap_or(0),
+        stack_id: user_stack(&ctx),
+        _pad: 0,
+    };
+    bump(stat::CRASH_STACKS);
+    if CRASH_STACKS.insert(&tid, &st, BPF_NOEXIST as u64).is_err() && unsafe { CRASH_STACKS.get(&tid) }.is_none() {
+        bump(stat::CRASH_FULL);
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -1,7 +1,8 @@
 //! Every Go-version-dependent fact about where to probe lives in this one
-//! table. Each row names a runtime symbol, the Go releases that have it and
-//! what a hit there means; `plan` keeps the rows whose symbol the binary
-//! really has, since version ranges alone are a guess about a build.
+//! file: rows naming a runtime symbol, the Go releases that have it and what
+//! a hit there means, and the few struct offsets the probes read. `plan`
+//! keeps the rows whose symbol the binary really has, since version ranges
+//! alone are a guess about a build.
 
 use crate::gobin::{GoBinary, GoVersion};
 
@@ -10,6 +11,26 @@ use crate::gobin::{GoBinary, GoVersion};
 pub enum Purpose {
     /// A goroutine parks on a lock's semaphore: count it and time it.
     LockWait,
+    /// A goroutine writes a plain map (header in RBX): watch for a second writer.
+    MapWrite,
+    /// The runtime gives up with a user-caused fatal error (message in RAX/RBX).
+    Fatal,
+}
+
+impl Purpose {
+    /// The eBPF program that serves this purpose.
+    pub fn program(self) -> &'static str {
+        match self {
+            Purpose::LockWait => "lock_wait",
+            Purpose::MapWrite => "map_write",
+            Purpose::Fatal => "go_fatal",
+        }
+    }
+
+    /// Whether the RET instructions are probed too (to see the call end).
+    pub fn probes_returns(self) -> bool {
+        !matches!(self, Purpose::Fatal)
+    }
 }
 
 /// The contention kind a probe point implies before the stack refines it.
@@ -19,6 +40,8 @@ pub enum Kind {
     Mutex,
     RwmutexWrite,
     RwmutexRead,
+    MapWrite,
+    Fatal,
 }
 
 impl Kind {
@@ -27,6 +50,8 @@ impl Kind {
             Kind::Mutex => "mutex",
             Kind::RwmutexWrite => "rwmutex-write",
             Kind::RwmutexRead => "rwmutex-read",
+            Kind::MapWrite => "map-write",
+            Kind::Fatal => "fatal",
         }
     }
 }
@@ -45,7 +70,7 @@ pub struct Row {
 /// for user-caused throws and the oldest Debian still ships.
 pub const MIN_GO_MINOR: u32 = 19;
 
-pub const TABLE: &[Row] = &[
+pub const LOCK_WAITS: &[Row] = &[
     Row {
         purpose: Purpose::LockWait,
         symbol: "sync.runtime_SemacquireMutex",
@@ -80,10 +105,82 @@ pub const TABLE: &[Row] = &[
     },
 ];
 
+/// Plain-map writes. Since 1.24 the bodies live in internal/runtime/maps
+/// (swiss tables) but are push-linknamed to these same runtime names, and
+/// every one of them, hmap or swiss, takes the map header second (RBX).
+const fn map_write(symbol: &'static str) -> Row {
+    Row {
+        purpose: Purpose::MapWrite,
+        symbol,
+        since: 19,
+        until: None,
+        kind: Kind::MapWrite,
+        why: "a write to a plain map; the header is in RBX",
+    }
+}
+
+pub const MAP_WRITES: &[Row] = &[
+    map_write("runtime.mapassign"),
+    map_write("runtime.mapassign_fast32"),
+    map_write("runtime.mapassign_fast32ptr"),
+    map_write("runtime.mapassign_fast64"),
+    map_write("runtime.mapassign_fast64ptr"),
+    map_write("runtime.mapassign_faststr"),
+    map_write("runtime.mapdelete"),
+    map_write("runtime.mapdelete_fast32"),
+    map_write("runtime.mapdelete_fast64"),
+    map_write("runtime.mapdelete_faststr"),
+    map_write("runtime.mapclear"),
+];
+
+pub const FATALS: &[Row] = &[
+    Row {
+        purpose: Purpose::Fatal,
+        symbol: "runtime.fatal",
+        since: 19,
+        until: None,
+        kind: Kind::Fatal,
+        why: "1.19 split user-caused throws (racing map writes) from runtime.throw",
+    },
+    Row {
+        purpose: Purpose::Fatal,
+        symbol: "internal/runtime/maps.fatal",
+        since: 24,
+        until: None,
+        kind: Kind::Fatal,
+        why: "swiss maps report their races here, then call runtime.fatal",
+    },
+];
+
+/// Offset of `goid` in `runtime.g`: 152, except 160 in 1.23 and 1.24
+/// (checked against DWARF for 1.19 and 1.26; the offset databases of the
+/// OpenTelemetry Go instrumentation give the rest).
+pub const GOID_OFFSETS: &[(u32, u32, u64)] = &[(19, 22, 152), (23, 24, 160), (25, u32::MAX, 152)];
+
+pub fn goid_offset(v: &GoVersion) -> u64 {
+    GOID_OFFSETS
+        .iter()
+        .find(|(a, b, _)| (*a..=*b).contains(&v.minor))
+        .map_or(152, |r| r.2)
+}
+
+/// Functions whose frame at the top of a stack means "inside a map write".
+pub fn is_map_write_frame(function: &str) -> bool {
+    MAP_WRITES.iter().any(|r| r.symbol == function)
+        || function.starts_with("internal/runtime/maps.")
+}
+
+fn rows(purpose: Purpose) -> impl Iterator<Item = &'static Row> {
+    LOCK_WAITS
+        .iter()
+        .chain(MAP_WRITES)
+        .chain(FATALS)
+        .filter(move |r| r.purpose == purpose)
+}
+
 /// A catalog row resolved against one binary: where the uprobes go.
 #[derive(Clone, Debug)]
 pub struct Point {
-    pub row: usize,
     pub symbol: &'static str,
     pub kind: Kind,
     /// File offsets for attaching: the entry (after the stack check) and every RET.
@@ -92,6 +189,7 @@ pub struct Point {
 }
 
 pub struct Plan {
+    pub purpose: Purpose,
     pub points: Vec<Point>,
     /// Rows expected for this Go version whose symbol the binary lacks
     /// (the linker drops functions nothing calls).
@@ -106,10 +204,7 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
     let v = bin.go_version();
     let mut points = Vec::new();
     let mut missing = Vec::new();
-    for (i, row) in TABLE.iter().enumerate() {
-        if row.purpose != purpose || !applies(row, v) {
-            continue;
-        }
+    for row in rows(purpose).filter(|r| applies(r, v)) {
         let Some(func) = bin.func_by_name(row.symbol) else {
             missing.push(row.symbol);
             continue;
@@ -121,15 +216,23 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
             bin.file_offset(va)
                 .ok_or_else(|| anyhow::anyhow!("{} at {va:#x} is outside the file", row.symbol))
         };
+        let rets: &[u64] = if purpose.probes_returns() {
+            &pp.rets
+        } else {
+            &[]
+        };
         points.push(Point {
-            row: i,
             symbol: row.symbol,
             kind: row.kind,
             entry_offset: off(pp.after_check)?,
-            ret_offsets: pp.rets.iter().map(|&r| off(r)).collect::<Result<_, _>>()?,
+            ret_offsets: rets.iter().map(|&r| off(r)).collect::<Result<_, _>>()?,
         });
     }
-    Ok(Plan { points, missing })
+    Ok(Plan {
+        purpose,
+        points,
+        missing,
+    })
 }
 
 #[cfg(test)]
@@ -137,7 +240,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_supported_minor_has_a_mutex_and_rwmutex_story() {
+    fn every_supported_minor_has_its_probes() {
         for minor in MIN_GO_MINOR..=30 {
             let v = GoVersion {
                 major: 1,
@@ -145,14 +248,37 @@ mod tests {
                 patch: 0,
                 raw: format!("go1.{minor}"),
             };
-            let rows: Vec<_> = TABLE.iter().filter(|r| applies(r, &v)).collect();
+            let locks: Vec<_> = LOCK_WAITS.iter().filter(|r| applies(r, &v)).collect();
             assert!(
-                rows.iter().any(|r| r.kind == Kind::Mutex),
+                locks.iter().any(|r| r.kind == Kind::Mutex),
                 "1.{minor} has no mutex probe"
             );
             if minor >= 20 {
-                assert_eq!(rows.len(), 3, "1.{minor}: mutex, rlock and lock waits");
+                assert_eq!(locks.len(), 3, "1.{minor}: mutex, rlock and lock waits");
             }
+            assert!(
+                rows(Purpose::Fatal).any(|r| applies(r, &v)),
+                "1.{minor}: no fatal probe"
+            );
+            assert!(rows(Purpose::MapWrite).filter(|r| applies(r, &v)).count() >= 10);
         }
+        assert_eq!(
+            goid_offset(&GoVersion {
+                major: 1,
+                minor: 23,
+                patch: 0,
+                raw: String::new()
+            }),
+            160
+        );
+        assert_eq!(
+            goid_offset(&GoVersion {
+                major: 1,
+                minor: 26,
+                patch: 0,
+                raw: String::new()
+            }),
+            152
+        );
     }
 }

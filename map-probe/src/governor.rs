@@ -1,9 +1,11 @@
 //! Keeps the probes' cost to the target inside a budget. A uprobe hit is a
-//! trap (about 10 µs on the VMs we measured), so a busy lock path probed all
-//! the time slows the service it is meant to observe. The governor opens the
-//! probes in windows, measures the hit rate inside each, and spaces windows so
-//! that the average cost stays under the budget; counts are later scaled by
-//! the share of time the probes were attached.
+//! trap (10-30 µs on the VMs we measured), so a busy path probed all the
+//! time slows the service it is meant to observe. The governor opens the
+//! probes in windows, measures the hit rate inside each, and spaces windows
+//! so that the average cost stays under the budget; counts are later scaled
+//! by the share of time the probes were attached. A window also closes early
+//! once it has cost `max_window_cost`, so one burst of a hot path (a map
+//! write at a million calls a second) cannot stall the target for long.
 
 use std::time::{Duration, Instant};
 
@@ -14,10 +16,12 @@ pub struct Config {
     pub budget: f64,
     /// Estimated cost of one uprobe hit to the target.
     pub hit_cost: Duration,
-    /// How long one window stays open.
+    /// How long one window stays open at most.
     pub window: Duration,
     /// The longest gap between windows, so a short run still samples.
     pub max_gap: Duration,
+    /// The most one window may cost the target before it closes early.
+    pub max_window_cost: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub struct Governor {
     cfg: Config,
     window_start: Option<Instant>,
     window_hits0: u64,
+    /// Length of the next window: shortened when the last one was costly.
+    window_len: Duration,
     next_attach: Instant,
     /// Attached time so far: from the middle of each attach call (probes go
     /// live during it) to the start of the detach call.
@@ -39,12 +45,16 @@ pub struct Governor {
     pub last_rate: f64,
 }
 
+/// Shorter than this, a window is mostly attach and detach latency.
+const MIN_WINDOW: Duration = Duration::from_millis(20);
+
 impl Governor {
     pub fn new(cfg: Config, now: Instant) -> Governor {
         Governor {
             cfg,
             window_start: None,
             window_hits0: 0,
+            window_len: cfg.window,
             next_attach: now,
             attached: Duration::ZERO,
             windows: 0,
@@ -56,31 +66,44 @@ impl Governor {
         &self.cfg
     }
 
+    pub fn is_open(&self) -> bool {
+        self.window_start.is_some()
+    }
+
     pub fn tick(&mut self, now: Instant, hits: u64) -> Decision {
-        match self.window_start {
-            None if now >= self.next_attach => Decision::Attach,
-            None => Decision::Stay,
-            Some(start) => {
-                let open = now.saturating_duration_since(start);
-                if open < self.cfg.window {
-                    return Decision::Stay;
-                }
-                let rate = hits.saturating_sub(self.window_hits0) as f64 / open.as_secs_f64();
-                self.last_rate = rate;
-                let cost = rate * self.cfg.hit_cost.as_secs_f64();
-                if self.cfg.budget <= 0.0 || cost <= self.cfg.budget {
-                    // Affordable: keep the probes in and judge the next stretch afresh.
-                    self.attached += open;
-                    self.window_start = Some(now);
-                    self.window_hits0 = hits;
-                    return Decision::Stay;
-                }
-                let duty = self.cfg.budget / cost;
-                let gap = open.mul_f64(1.0 / duty - 1.0).min(self.cfg.max_gap);
-                self.next_attach = now + gap;
-                Decision::Detach
-            }
+        let Some(start) = self.window_start else {
+            return if now >= self.next_attach {
+                Decision::Attach
+            } else {
+                Decision::Stay
+            };
+        };
+        let open = now.saturating_duration_since(start);
+        let in_window = hits.saturating_sub(self.window_hits0);
+        let spent = self.cfg.hit_cost.mul_f64(in_window as f64);
+        let governed = self.cfg.budget > 0.0;
+        if open < self.window_len && !(governed && spent > self.cfg.max_window_cost) {
+            return Decision::Stay;
         }
+        let rate = in_window as f64 / open.as_secs_f64().max(1e-3);
+        self.last_rate = rate;
+        let cost = rate * self.cfg.hit_cost.as_secs_f64();
+        if !governed || cost <= self.cfg.budget {
+            // Affordable: keep the probes in and judge the next stretch afresh.
+            self.attached += open;
+            self.window_start = Some(now);
+            self.window_hits0 = hits;
+            self.window_len = self.cfg.window;
+            return Decision::Stay;
+        }
+        // Next window: short enough to cost at most max_window_cost...
+        let affordable = self.cfg.max_window_cost.as_secs_f64() / cost;
+        self.window_len = Duration::from_secs_f64(affordable).clamp(MIN_WINDOW, self.cfg.window);
+        // ...and far enough away that on average the budget holds.
+        let duty = self.cfg.budget / cost;
+        let gap = open.mul_f64(1.0 / duty - 1.0).min(self.cfg.max_gap);
+        self.next_attach = now + gap;
+        Decision::Detach
     }
 
     /// `start`/`end` bracket the attach call.
@@ -107,6 +130,16 @@ impl Governor {
                 .window_start
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
     }
+
+    /// Elapsed over attached: what raw counts are multiplied by.
+    pub fn scale(&self, elapsed: Duration, now: Instant) -> f64 {
+        let attached = self.attached_time(now).min(elapsed);
+        if self.cfg.budget <= 0.0 || attached.is_zero() {
+            1.0
+        } else {
+            (elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +152,7 @@ mod tests {
             hit_cost: Duration::from_micros(10),
             window: Duration::from_millis(500),
             max_gap: Duration::from_secs(30),
+            max_window_cost: Duration::from_millis(20),
         }
     }
 
@@ -140,19 +174,36 @@ mod tests {
         let t0 = Instant::now();
         let mut g = Governor::new(cfg(0.01), t0);
         g.attached_at(t0, t0, 0);
-        // 10k hits/s * 10 µs = 10% of a CPU: ten times the budget -> 10% duty.
+        // 1000 hits in 500 ms = 2k hits/s * 10 µs = 2% of a CPU: twice the
+        // budget -> 50% duty; the window cost 10 ms, under the 20 ms cap.
         let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(g.tick(t1, 5000), Decision::Detach);
+        assert_eq!(g.tick(t1, 1000), Decision::Detach);
         g.detached_at(t1, t1);
         assert_eq!(
-            g.tick(t1 + Duration::from_millis(4400), 5000),
+            g.tick(t1 + Duration::from_millis(400), 1000),
             Decision::Stay
         );
         assert_eq!(
-            g.tick(t1 + Duration::from_millis(4500), 5000),
+            g.tick(t1 + Duration::from_millis(500), 1000),
             Decision::Attach
         );
         assert_eq!(g.attached_time(t1), Duration::from_millis(500));
+        assert!((g.scale(Duration::from_secs(1), t1) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_hot_path_closes_the_window_early_and_shortens_the_next() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(cfg(0.005), t0);
+        g.attached_at(t0, t0, 0);
+        // 50 ms in, 5000 hits = 50 ms of traps: over the 20 ms cap.
+        let t1 = t0 + Duration::from_millis(50);
+        assert_eq!(g.tick(t1, 5000), Decision::Detach);
+        g.detached_at(t1, t1);
+        // 100k hits/s = 1 CPU: next window 20 ms, duty 0.5% -> ~10 s away.
+        assert_eq!(g.window_len, Duration::from_millis(20));
+        assert_eq!(g.tick(t1 + Duration::from_secs(9), 5000), Decision::Stay);
+        assert_eq!(g.tick(t1 + Duration::from_secs(10), 5000), Decision::Attach);
     }
 
     #[test]
@@ -163,6 +214,10 @@ mod tests {
         assert_eq!(
             g.tick(t0 + Duration::from_secs(5), 10_000_000),
             Decision::Stay
+        );
+        assert_eq!(
+            g.scale(Duration::from_secs(5), t0 + Duration::from_secs(5)),
+            1.0
         );
     }
 }

@@ -13,6 +13,7 @@ pub mod governor;
 pub mod launch;
 pub mod probes;
 pub mod report;
+pub mod risks;
 pub mod session;
 pub mod symbolize;
 pub mod target;

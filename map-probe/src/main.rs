@@ -11,7 +11,8 @@ use map_probe::{
     doctor::{self, Host},
     governor, launch,
     probes::Probes,
-    session::{self, End, Outputs},
+    report::RiskKind,
+    session::{self, End, Outputs, Plans},
     target::{self, Target},
 };
 
@@ -80,6 +81,15 @@ struct Common {
     /// 10 on the VMs we measured, under 1 on bare metal).
     #[arg(long, value_name = "US", default_value_t = 10.0)]
     hit_cost_us: f64,
+    /// Don't watch plain-map writes for concurrent writers (lock contention
+    /// and the fatal-crash capture stay on).
+    #[arg(long)]
+    no_map_writes: bool,
+    /// Length of one map-write probe window in milliseconds. Map writes are
+    /// hot, so their windows are short and close early once they have cost
+    /// a few milliseconds of the target's time.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    map_window_ms: u64,
 }
 
 impl Common {
@@ -92,14 +102,23 @@ impl Common {
                 bail!("--duration must be a positive number of seconds");
             }
         }
+        // Lock waits and map writes share the budget half and half.
+        let share = if self.no_map_writes { 1.0 } else { 0.5 };
+        let locks = governor::Config {
+            budget: self.budget / 100.0 * share,
+            hit_cost: Duration::from_secs_f64(self.hit_cost_us.max(0.0) / 1e6),
+            window: Duration::from_millis(self.window_ms.max(50)),
+            max_gap: Duration::from_secs_f64(self.max_gap.max(0.1)),
+            max_window_cost: MAX_WINDOW_COST,
+        };
+        let maps = governor::Config {
+            window: Duration::from_millis(self.map_window_ms.max(20)),
+            ..locks
+        };
         Ok(session::Options {
             duration: self.duration.map(Duration::from_secs_f64),
-            governor: governor::Config {
-                budget: self.budget / 100.0,
-                hit_cost: Duration::from_secs_f64(self.hit_cost_us.max(0.0) / 1e6),
-                window: Duration::from_millis(self.window_ms.max(50)),
-                max_gap: Duration::from_secs_f64(self.max_gap.max(0.1)),
-            },
+            locks,
+            maps: (!self.no_map_writes).then_some(maps),
             outputs: Outputs {
                 json: self.json.clone(),
                 flamegraph: self.flamegraph.clone(),
@@ -109,6 +128,10 @@ impl Common {
         })
     }
 }
+
+/// The most one probe window may cost the target before the governor closes
+/// it early: a few milliseconds of stall, whatever the path's call rate.
+const MAX_WINDOW_COST: Duration = Duration::from_millis(5);
 
 /// Exit status when the target exited before the run was over: the outputs
 /// are written, but the caller should know the window was cut short.
@@ -142,13 +165,20 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
     Host::probe().require()?;
     let target = Target::from_pid(pid)?;
-    let plan = plan(&target)?;
-    let probes = Probes::load(pid, target.open_path.clone(), &plan.points)?;
-    let out = session::observe(&target, &plan, probes, &opts, None)?;
+    let (plans, probes) = prepare(&target, &opts)?;
+    let out = session::observe(&target, &plans, probes, &opts, None)?;
     session::write_outputs(&out.report, &opts.outputs)?;
     if out.end == End::TargetExited {
+        let why = out
+            .report
+            .risks
+            .iter()
+            .find(|r| r.kind == RiskKind::Fatal)
+            .map_or("exited".to_string(), |r| {
+                format!("died (fatal error: {})", r.message)
+            });
         eprintln!(
-            "map-probe: PID {pid} exited after {:.1} s, before the run was over; outputs cover that time",
+            "map-probe: PID {pid} {why} after {:.1} s, before the run was over; outputs cover that time",
             out.report.sampling.elapsed_secs
         );
         return Ok(ExitCode::from(EXIT_TARGET_GONE));
@@ -156,19 +186,34 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn plan(target: &Target) -> Result<catalog::Plan> {
-    let plan = catalog::plan(&target.bin, Purpose::LockWait)?;
-    for m in &plan.missing {
-        log::info!("{m} is not in this binary (nothing in it can wait there)");
+/// Decides every probe point for the target's Go version and loads the
+/// programs. The crash watch (fatal errors and the SIGURG stacks) goes in at
+/// once and stays: it costs nothing until the target is dying.
+fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> {
+    let locks = catalog::plan(&target.bin, Purpose::LockWait)?;
+    let maps = match opts.maps {
+        Some(_) => Some(catalog::plan(&target.bin, Purpose::MapWrite)?),
+        None => None,
+    };
+    let fatal = catalog::plan(&target.bin, Purpose::Fatal)?;
+    for m in locks.missing.iter().chain(fatal.missing.iter()) {
+        log::info!("{m} is not in this binary (nothing in it can get there)");
     }
-    if plan.points.is_empty() {
+    if locks.points.is_empty() && maps.as_ref().is_none_or(|m| m.points.is_empty()) {
         bail!(
-            "{} ({}) has no sync.Mutex or sync.RWMutex wait path to probe: it never blocks on a sync lock",
+            "{} ({}) has no sync lock wait path or map write to probe",
             target.exe.display(),
             target.go_version()
         );
     }
-    Ok(plan)
+    let plans = Plans { locks, maps, fatal };
+    let goid = catalog::goid_offset(target.bin.go_version());
+    let mut probes = Probes::load(target.pid, target.open_path.clone(), goid, &plans.all())?;
+    probes.attach(Purpose::Fatal)?;
+    if let Err(e) = probes.attach_crash_signals() {
+        log::warn!("{e}: a crash will show the throwing goroutine only");
+    }
+    Ok((plans, probes))
 }
 
 fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
@@ -176,7 +221,6 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     Host::probe().require()?;
     let exe = resolve_command(&cmd[0])?;
     let bin = target::open_go(&exe, &exe)?;
-    let plan_for = |t: &Target| plan(t);
     // The child stops itself between fork and exec: the probes go in while
     // nothing of the program has run, and the kernel plants them as the
     // binary is mapped.
@@ -184,13 +228,15 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let pid = child.pid;
     let mut target = Target::from_spawned(pid, exe.canonicalize().unwrap_or(exe.clone()), bin);
     let prepared = (|| {
-        let plan = plan_for(&target)?;
-        let mut probes = Probes::load(pid, target.open_path.clone(), &plan.points)?;
-        // The first window opens before the program runs.
-        probes.attach()?;
-        anyhow::Ok((plan, probes))
+        let (plans, mut probes) = prepare(&target, &opts)?;
+        // The first windows open before the program runs.
+        probes.attach(Purpose::LockWait)?;
+        if opts.maps.is_some() {
+            probes.attach(Purpose::MapWrite)?;
+        }
+        anyhow::Ok((plans, probes))
     })();
-    let (plan, probes) = match prepared {
+    let (plans, probes) = match prepared {
         Ok(p) => p,
         Err(e) => {
             child.kill(libc::SIGKILL);
@@ -200,7 +246,7 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     };
     child.resume();
     target.settle_after_exec()?;
-    let out = session::observe(&target, &plan, probes, &opts, Some(&mut child))?;
+    let out = session::observe(&target, &plans, probes, &opts, Some(&mut child))?;
     session::write_outputs(&out.report, &opts.outputs)?;
     let code = match out.end {
         End::TargetExited => child.try_wait().unwrap_or(0),

@@ -1,65 +1,117 @@
-//! Loading the eBPF object and opening and closing the uprobe windows. One
-//! uprobe_multi link carries every point (entries and RETs, told apart by
-//! their cookie), so a window costs one attach and one detach.
+//! Loading the eBPF object and opening and closing probe windows. Each
+//! purpose (lock waits, map writes, fatal errors) is one uprobe_multi link
+//! carrying every point, entries and RETs told apart by their cookie, so a
+//! window costs one attach and one detach.
 
 use std::{num::NonZeroU32, path::PathBuf, time::Duration, time::Instant};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
-        UProbe,
+        RawTracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
-use map_probe_common::{stat, SiteKey, SiteStats, COOKIE_RET};
+use map_probe_common::{
+    stat, Control, CrashStack, Fatal, OverlapKey, OverlapVal, SiteKey, SiteStats, COOKIE_RET,
+};
 
-use crate::catalog::Point;
+use crate::catalog::{Plan, Purpose};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/map-probe.bpf.o"));
+
+/// The uprobes of one purpose, and their link while attached.
+struct Set {
+    purpose: Purpose,
+    points: Vec<(u64, u64)>,
+    link: Option<UProbeLinkId>,
+}
 
 pub struct Probes {
     ebpf: Ebpf,
     target: PathBuf,
     pid: NonZeroU32,
-    points: Vec<(u64, u64)>,
-    link: Option<UProbeLinkId>,
+    sets: Vec<Set>,
+    generation: u64,
 }
 
 impl Probes {
-    pub fn load(pid: u32, target: PathBuf, points: &[Point]) -> Result<Probes> {
+    pub fn load(pid: u32, target: PathBuf, goid_offset: u64, plans: &[&Plan]) -> Result<Probes> {
         let mut ebpf = EbpfLoader::new()
             .override_global("TARGET_TGID", &pid, true)
+            .override_global("GOID_OFFSET", &goid_offset, true)
             .load(OBJECT)
             .map_err(|e| {
                 anyhow!("loading the eBPF programs failed: {e} (see `map-probe doctor`)")
             })?;
-        let prog: &mut UProbe = program(&mut ebpf)?;
-        prog.load().map_err(|e| {
-            anyhow!("the kernel rejected the eBPF program: {e} (see `map-probe doctor`)")
-        })?;
-        let mut offsets = Vec::new();
-        for (i, p) in points.iter().enumerate() {
-            offsets.push((p.entry_offset, i as u64));
-            offsets.extend(p.ret_offsets.iter().map(|&r| (r, i as u64 | COOKIE_RET)));
+        let mut sets = Vec::new();
+        for plan in plans {
+            let prog = uprobe(&mut ebpf, plan.purpose)?;
+            prog.load().map_err(|e| {
+                anyhow!(
+                    "the kernel rejected the eBPF program {}: {e} (see `map-probe doctor`)",
+                    plan.purpose.program()
+                )
+            })?;
+            let mut points = Vec::new();
+            for (i, p) in plan.points.iter().enumerate() {
+                points.push((p.entry_offset, i as u64));
+                points.extend(p.ret_offsets.iter().map(|&r| (r, i as u64 | COOKIE_RET)));
+            }
+            sets.push(Set {
+                purpose: plan.purpose,
+                points,
+                link: None,
+            });
         }
         Ok(Probes {
             ebpf,
             target,
             pid: NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?,
-            points: offsets,
-            link: None,
+            sets,
+            generation: 0,
         })
     }
 
-    pub fn attached(&self) -> bool {
-        self.link.is_some()
+    fn set(&mut self, purpose: Purpose) -> Option<&mut Set> {
+        self.sets
+            .iter_mut()
+            .find(|s| s.purpose == purpose && !s.points.is_empty())
     }
 
-    pub fn attach(&mut self) -> Result<Duration> {
+    pub fn has(&self, purpose: Purpose) -> bool {
+        self.sets
+            .iter()
+            .any(|s| s.purpose == purpose && !s.points.is_empty())
+    }
+
+    pub fn attached(&self, purpose: Purpose) -> bool {
+        self.sets
+            .iter()
+            .any(|s| s.purpose == purpose && s.link.is_some())
+    }
+
+    pub fn attach(&mut self, purpose: Purpose) -> Result<Duration> {
         let t = Instant::now();
-        let points: Vec<UProbeAttachPoint> = self
+        if purpose == Purpose::MapWrite {
+            // Writers remembered from an earlier window may have returned
+            // unseen: a new generation makes them stale.
+            self.generation += 1;
+            let generation = self.generation;
+            let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
+            ctl.set(0, &Control { generation }, 0)?;
+        }
+        let (target, pid) = (self.target.clone(), self.pid);
+        let Some(set) = self
+            .sets
+            .iter()
+            .find(|s| s.purpose == purpose && !s.points.is_empty())
+        else {
+            return Ok(t.elapsed());
+        };
+        let points: Vec<UProbeAttachPoint> = set
             .points
             .iter()
             .map(|&(off, cookie)| UProbeAttachPoint {
@@ -67,21 +119,36 @@ impl Probes {
                 cookie: Some(cookie),
             })
             .collect();
-        let (target, pid) = (self.target.clone(), self.pid);
-        let prog = program(&mut self.ebpf)?;
-        let link = prog
+        let link = uprobe(&mut self.ebpf, purpose)?
             .attach(points, &target, UProbeScope::OneProcess(pid))
             .with_context(|| format!("attaching uprobes to {}", target.display()))?;
-        self.link = Some(link);
+        if let Some(set) = self.set(purpose) {
+            set.link = Some(link);
+        }
         Ok(t.elapsed())
     }
 
-    pub fn detach(&mut self) -> Result<Duration> {
+    pub fn detach(&mut self, purpose: Purpose) -> Result<Duration> {
         let t = Instant::now();
-        if let Some(link) = self.link.take() {
-            program(&mut self.ebpf)?.detach(link)?;
+        if let Some(link) = self.set(purpose).and_then(|s| s.link.take()) {
+            uprobe(&mut self.ebpf, purpose)?.detach(link)?;
         }
         Ok(t.elapsed())
+    }
+
+    /// The crash watch: SIGURG deliveries to the target after a fatal
+    /// error. Needs no tracefs: a raw tracepoint is attached by name.
+    pub fn attach_crash_signals(&mut self) -> Result<()> {
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut("crash_signal")
+            .ok_or_else(|| anyhow!("eBPF object has no program crash_signal"))?
+            .try_into()?;
+        prog.load()
+            .map_err(|e| anyhow!("the kernel rejected the crash-signal program: {e}"))?;
+        prog.attach("signal_deliver")
+            .map_err(|e| anyhow!("attaching to the signal_deliver tracepoint: {e}"))?;
+        Ok(())
     }
 
     /// Sums of the per-CPU counters in `map_probe_common::stat`.
@@ -94,7 +161,7 @@ impl Probes {
         Ok(out)
     }
 
-    /// Every aggregated site, per-CPU values summed.
+    /// Every aggregated lock-wait site, per-CPU values summed.
     pub fn sites(&self) -> Result<Vec<(SiteKey, SiteStats)>> {
         let map: PerCpuHashMap<&MapData, SiteKey, SiteStats> =
             PerCpuHashMap::try_from(self.map("SITES")?)?;
@@ -121,6 +188,46 @@ impl Probes {
             .map_or(0, |m| m.keys().count())
     }
 
+    /// Overlapping map writes, per-CPU values merged.
+    pub fn overlaps(&self) -> Result<Vec<(OverlapKey, OverlapVal)>> {
+        let map: PerCpuHashMap<&MapData, OverlapKey, OverlapVal> =
+            PerCpuHashMap::try_from(self.map("OVERLAPS")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (k, vals) = entry?;
+            let mut m = OverlapVal {
+                first_ns: u64::MAX,
+                ..OverlapVal::default()
+            };
+            for v in vals.iter() {
+                m.count += v.count;
+                m.last_ns = m.last_ns.max(v.last_ns);
+                if v.first_ns != 0 && v.first_ns < m.first_ns {
+                    m.first_ns = v.first_ns;
+                    m.first_goid = v.first_goid;
+                    m.second_goid = v.second_goid;
+                    m.first_probe = v.first_probe;
+                    m.second_probe = v.second_probe;
+                }
+            }
+            if m.first_ns == u64::MAX {
+                m.first_ns = m.last_ns;
+            }
+            out.push((k, m));
+        }
+        Ok(out)
+    }
+
+    pub fn fatals(&self) -> Result<Vec<(u32, Fatal)>> {
+        let map: HashMap<&MapData, u32, Fatal> = HashMap::try_from(self.map("FATALS")?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn crash_stacks(&self) -> Result<Vec<(u32, CrashStack)>> {
+        let map: HashMap<&MapData, u32, CrashStack> = HashMap::try_from(self.map("CRASH_STACKS")?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
     /// The user stack behind a stack id, innermost first (runtime addresses).
     pub fn stack(&self, id: i32) -> Option<Vec<u64>> {
         let map = StackTraceMap::try_from(self.map("STACKS").ok()?).ok()?;
@@ -133,11 +240,18 @@ impl Probes {
             .map(name)
             .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
     }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+    }
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut UProbe> {
+fn uprobe(ebpf: &mut Ebpf, purpose: Purpose) -> Result<&mut UProbe> {
+    let name = purpose.program();
     Ok(ebpf
-        .program_mut("lock_wait")
-        .ok_or_else(|| anyhow!("eBPF object has no program lock_wait"))?
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?
         .try_into()?)
 }

@@ -1,6 +1,7 @@
-//! One observation run: open and close probe windows under the governor until
-//! the duration ends, a signal arrives or the target exits, then turn what the
-//! kernel aggregated into every requested output.
+//! One observation run: open and close probe windows under the governors
+//! (one for lock waits, one for map writes) until the duration ends, a
+//! signal arrives or the target exits, keep the crash watch on throughout,
+//! then turn what the kernel aggregated into every requested output.
 
 use std::{
     io::{IsTerminal, Write},
@@ -9,14 +10,16 @@ use std::{
 };
 
 use anyhow::Result;
+use map_probe_common::stat;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     aggregate,
-    catalog::Plan,
+    catalog::{Plan, Purpose},
     governor::{self, Decision, Governor},
     probes::Probes,
-    report::{self, Report, Sampling, TargetInfo},
+    report::{self, MapSampling, Report, Sampling, TargetInfo},
+    risks::{self, Clock},
     symbolize::Symbolizer,
     target::Target,
 };
@@ -31,7 +34,9 @@ pub struct Outputs {
 
 pub struct Options {
     pub duration: Option<Duration>,
-    pub governor: governor::Config,
+    pub locks: governor::Config,
+    /// None: map writes are not watched.
+    pub maps: Option<governor::Config>,
     pub outputs: Outputs,
 }
 
@@ -58,16 +63,63 @@ pub trait Child {
     fn exited(&mut self) -> Option<i32>;
 }
 
+pub struct Plans {
+    pub locks: Plan,
+    pub maps: Option<Plan>,
+    pub fatal: Plan,
+}
+
+impl Plans {
+    pub fn all(&self) -> Vec<&Plan> {
+        let mut v = vec![&self.locks, &self.fatal];
+        v.extend(self.maps.as_ref());
+        v
+    }
+}
+
 pub struct Outcome {
     pub end: End,
     pub report: Report,
 }
 
-const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(20);
+
+/// A governed probe set: its purpose, its governor and which counters feed it.
+struct Governed {
+    purpose: Purpose,
+    gov: Governor,
+    counters: [u32; 2],
+}
+
+impl Governed {
+    fn hits(&self, stats: &[u64]) -> u64 {
+        self.counters.iter().map(|&c| stats[c as usize]).sum()
+    }
+
+    fn step(&mut self, probes: &mut Probes, now: Instant, stats: &[u64]) -> Result<()> {
+        match self.gov.tick(now, self.hits(stats)) {
+            Decision::Attach => {
+                let a = Instant::now();
+                probes.attach(self.purpose)?;
+                self.gov.attached_at(a, Instant::now(), self.hits(stats));
+            }
+            Decision::Detach => self.close(probes)?,
+            Decision::Stay => {}
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, probes: &mut Probes) -> Result<()> {
+        let d = Instant::now();
+        probes.detach(self.purpose)?;
+        self.gov.detached_at(d, Instant::now());
+        Ok(())
+    }
+}
 
 pub fn observe(
     target: &Target,
-    plan: &Plan,
+    plans: &Plans,
     mut probes: Probes,
     opts: &Options,
     mut child: Option<&mut dyn Child>,
@@ -76,10 +128,24 @@ pub fn observe(
         .enable_all()
         .build()?;
     let start = Instant::now();
-    let mut gov = Governor::new(opts.governor, start);
-    if probes.attached() {
-        // `run` opened the first window before the program's first instruction.
-        gov.attached_at(start, start, 0);
+    let clock = Clock::now();
+    let mut sets = vec![Governed {
+        purpose: Purpose::LockWait,
+        gov: Governor::new(opts.locks, start),
+        counters: [stat::HITS, stat::RET_HITS],
+    }];
+    if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
+        sets.push(Governed {
+            purpose: Purpose::MapWrite,
+            gov: Governor::new(cfg, start),
+            counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
+        });
+    }
+    for s in &mut sets {
+        if probes.attached(s.purpose) {
+            // `run` opened the first windows before the program's first instruction.
+            s.gov.attached_at(start, start, 0);
+        }
     }
     let tty = std::io::stdout().is_terminal();
     let end = rt.block_on(async {
@@ -107,40 +173,31 @@ pub fn observe(
             {
                 break End::Duration;
             }
-            let t = aggregate::totals(&probes)?;
-            match gov.tick(now, t.hits + t.ret_hits) {
-                Decision::Attach => {
-                    let a = Instant::now();
-                    if let Err(e) = probes.attach() {
-                        // The target may have exited between the check and the attach.
-                        if !target.alive() {
-                            break End::TargetExited;
-                        }
-                        return Err(e);
+            let stats = probes.stats()?;
+            for s in &mut sets {
+                if let Err(e) = s.step(&mut probes, now, &stats) {
+                    // The target may have exited between the check and the attach.
+                    if !target.alive() {
+                        return Ok(End::TargetExited);
                     }
-                    gov.attached_at(a, Instant::now(), t.hits + t.ret_hits);
+                    return Err(e);
                 }
-                Decision::Detach => {
-                    let d = Instant::now();
-                    probes.detach()?;
-                    gov.detached_at(d, Instant::now());
-                }
-                Decision::Stay => {}
             }
             if tty && now.duration_since(last_status) >= Duration::from_millis(250) {
                 last_status = now;
-                status_line(&probes, &gov, start, now, opts.duration, t.hits);
+                status_line(&probes, &sets[0].gov, start, now, opts.duration, &stats);
             }
         };
         anyhow::Ok(end)
     })?;
-    let d = Instant::now();
-    probes.detach()?;
-    gov.detached_at(d, Instant::now());
+    for s in &mut sets {
+        s.close(&mut probes)?;
+    }
     if tty {
         print!("\r\x1b[K");
     }
-    let report = build_report(target, plan, &probes, &gov, start.elapsed(), end)?;
+    let elapsed = start.elapsed();
+    let report = build_report(target, plans, &probes, &sets, elapsed, end, clock)?;
     Ok(Outcome { end, report })
 }
 
@@ -150,17 +207,16 @@ fn status_line(
     start: Instant,
     now: Instant,
     total: Option<Duration>,
-    hits: u64,
+    stats: &[u64],
 ) {
     let elapsed = now.duration_since(start);
     let sites = probes.site_count();
-    let drops = aggregate::totals(probes)
-        .map(|t| t.drops.stack_lost + t.drops.site_map_full)
-        .unwrap_or(0);
+    let drops = stats[stat::STACK_LOST as usize] + stats[stat::AGG_FULL as usize];
+    let events = stats[stat::HITS as usize];
     let of = total.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64()));
     let attached = gov.attached_time(now).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
     print!(
-        "\r\x1b[Kmap-probe: {sites} sites, {hits} events, {drops} drops, {:.1}s{of}, probes attached {:.0}%",
+        "\r\x1b[Kmap-probe: {sites} sites, {events} events, {drops} drops, {:.1}s{of}, lock probes attached {:.0}%",
         elapsed.as_secs_f64(),
         attached * 100.0
     );
@@ -169,23 +225,35 @@ fn status_line(
 
 fn build_report(
     target: &Target,
-    plan: &Plan,
+    plans: &Plans,
     probes: &Probes,
-    gov: &Governor,
+    sets: &[Governed],
     elapsed: Duration,
     end: End,
+    clock: Clock,
 ) -> Result<Report> {
+    let now = Instant::now();
     let totals = aggregate::totals(probes)?;
     let raw = aggregate::collect(probes)?;
-    let attached = gov.attached_time(Instant::now()).min(elapsed);
-    let scale = if gov.config().budget <= 0.0 || attached.is_zero() {
-        1.0
-    } else {
-        (elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
-    };
+    let locks = &sets[0].gov;
+    let scale = locks.scale(elapsed, now);
     let mut sym = Symbolizer::new(&target.bin, target.bias);
-    let (sites, stacks) = report::build_sites(&raw, &plan.points, &mut sym, scale);
-    let cfg = gov.config();
+    let (sites, stacks) = report::build_sites(&raw, &plans.locks.points, &mut sym, scale);
+    let risks = risks::collect(probes, plans.maps.as_ref(), &mut sym, clock)?;
+    let cfg = locks.config();
+    let stats = probes.stats()?;
+    let map_writes = sets
+        .iter()
+        .find(|s| s.purpose == Purpose::MapWrite)
+        .map(|s| MapSampling {
+            attached_secs: s.gov.attached_time(now).as_secs_f64(),
+            windows: s.gov.windows,
+            raw_hits: stats[stat::MAP_HITS as usize],
+            raw_ret_hits: stats[stat::MAP_RET_HITS as usize],
+            budget_cpu_percent: s.gov.config().budget * 100.0,
+            window_ms: s.gov.config().window.as_millis() as u64,
+            last_rate_per_sec: s.gov.last_rate,
+        });
     Ok(Report {
         target: TargetInfo {
             pid: target.pid,
@@ -196,8 +264,8 @@ fn build_report(
         },
         sampling: Sampling {
             elapsed_secs: elapsed.as_secs_f64(),
-            attached_secs: attached.as_secs_f64(),
-            windows: gov.windows,
+            attached_secs: locks.attached_time(now).min(elapsed).as_secs_f64(),
+            windows: locks.windows,
             raw_hits: totals.hits,
             raw_ret_hits: totals.ret_hits,
             scale,
@@ -209,11 +277,13 @@ fn build_report(
             budget_cpu_percent: cfg.budget * 100.0,
             hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
             window_ms: cfg.window.as_millis() as u64,
+            map_writes,
         },
-        probes: report::probe_hits(&raw, &plan.points),
+        probes: report::probe_hits(&raw, &plans.locks.points),
         drops: totals.drops,
         end: end.as_str().into(),
         sites,
+        risks,
         stacks,
     })
 }

@@ -62,6 +62,20 @@ pub struct Sampling {
     pub budget_cpu_percent: f64,
     pub hit_cost_us: f64,
     pub window_ms: u64,
+    /// The map-write probes' own windows (absent when they were off).
+    pub map_writes: Option<MapSampling>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct MapSampling {
+    pub attached_secs: f64,
+    pub windows: u32,
+    pub raw_hits: u64,
+    pub raw_ret_hits: u64,
+    pub budget_cpu_percent: f64,
+    pub window_ms: u64,
+    /// Hits per second while attached, in the last window that closed.
+    pub last_rate_per_sec: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -117,16 +131,78 @@ pub struct Report {
     /// Why the run ended: "duration", "interrupted", "target-exited".
     pub end: String,
     pub sites: Vec<Site>,
+    /// Concurrent writes to plain maps: overlaps and fatal crashes.
+    pub risks: Vec<Risk>,
     /// Every stack with its scaled count, for flamegraphs.
     #[serde(skip)]
     pub stacks: Vec<StackCount>,
 }
 
-/// Frames that belong to the lock machinery rather than the user's code.
-fn is_lock_internal(function: &str) -> bool {
-    ["sync.", "internal/sync.", "runtime.", "sync/atomic."]
+/// Frames that belong to the lock and map machinery rather than the user's code.
+pub fn is_machinery(function: &str) -> bool {
+    [
+        "sync.",
+        "internal/sync.",
+        "runtime.",
+        "sync/atomic.",
+        "internal/runtime/",
+    ]
+    .iter()
+    .any(|p| function.starts_with(p))
+}
+
+/// The user's frame in a stack: the innermost one outside the machinery.
+pub fn site_of(frames: &[FrameOut]) -> FrameOut {
+    frames
         .iter()
-        .any(|p| function.starts_with(p))
+        .find(|f| !is_machinery(&f.function))
+        .or(frames.last())
+        .cloned()
+        .unwrap_or(FrameOut {
+            function: "?".into(),
+            file: "?".into(),
+            line: 0,
+            inlined: false,
+        })
+}
+
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RiskKind {
+    /// Two goroutines were inside writes to one map at the same time.
+    Overlap,
+    /// The runtime died of it ("concurrent map writes" and kin).
+    Fatal,
+}
+
+/// One goroutine involved in a concurrent-write risk.
+#[derive(Serialize, Debug, Clone)]
+pub struct WriterOut {
+    /// Goroutine id (0 when the thread was not running Go code).
+    pub goroutine: u64,
+    /// "in-map-write", "throwing", "running" (a thread stopped at the crash
+    /// outside any map write) or "overlapping-writer" (seen earlier on the map).
+    pub state: String,
+    /// The user's frame: innermost outside the runtime.
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+    pub stack: Vec<FrameOut>,
+}
+
+/// A concurrent write to a plain map (`risk.concurrent_write`).
+#[derive(Serialize, Debug, Clone)]
+pub struct Risk {
+    /// Address of the map header, when known.
+    pub map: Option<String>,
+    pub kind: RiskKind,
+    pub message: String,
+    /// How often it recurred (raw, within probe windows).
+    pub count: u64,
+    pub first_seen_secs: f64,
+    pub last_seen_secs: f64,
+    pub first_seen_unix_nanos: u64,
+    pub writers: Vec<WriterOut>,
 }
 
 /// The site is the innermost frame outside the lock machinery (the user's
@@ -135,7 +211,7 @@ fn is_lock_internal(function: &str) -> bool {
 fn classify(frames: &[FrameOut], probe_kind: Kind) -> (usize, Kind) {
     let site = frames
         .iter()
-        .position(|f| !is_lock_internal(&f.function))
+        .position(|f| !is_machinery(&f.function))
         .unwrap_or(frames.len().saturating_sub(1));
     let mut kind = probe_kind;
     if kind == Kind::Mutex {

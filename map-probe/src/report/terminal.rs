@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use super::Report;
+use super::{Report, RiskKind};
 
 pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
     let s = &report.sampling;
@@ -48,6 +48,7 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
             )?;
         }
     }
+    risks(report, out)?;
     let d = &report.drops;
     if d.any() {
         writeln!(
@@ -57,6 +58,45 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
         )?;
     } else {
         writeln!(out, "drops: none")?;
+    }
+    Ok(())
+}
+
+fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {
+    let watched = report.sampling.map_writes.as_ref();
+    if report.risks.is_empty() {
+        if let Some(m) = watched {
+            writeln!(
+                out,
+                "\nconcurrent-write risks: none seen ({} map writes watched in {} window(s), {:.1} s)",
+                m.raw_hits, m.windows, m.attached_secs
+            )?;
+        }
+        return Ok(());
+    }
+    writeln!(out, "\nconcurrent-write risks:")?;
+    for r in &report.risks {
+        let map = r.map.as_deref().unwrap_or("unknown map");
+        let kind = match r.kind {
+            RiskKind::Overlap => "overlap",
+            RiskKind::Fatal => "FATAL",
+        };
+        writeln!(
+            out,
+            "  {kind:<8} map {map}: {} (x{}, first at {:.2} s)",
+            r.message, r.count, r.first_seen_secs
+        )?;
+        for w in &r.writers {
+            writeln!(
+                out,
+                "           goroutine {:<6} {:<18} {} ({}:{})",
+                w.goroutine,
+                w.state,
+                w.function,
+                short_path(&w.file),
+                w.line
+            )?;
+        }
     }
     Ok(())
 }

@@ -64,6 +64,8 @@ pub enum Variant {
     External,
     /// External linking and `-s -w`.
     ExternalStripped,
+    /// `-race` (CGO_ENABLED=1): Go's race detector, a referee.
+    Race,
 }
 
 impl Variant {
@@ -82,6 +84,7 @@ impl Variant {
             Variant::Pie => "pie",
             Variant::External => "external",
             Variant::ExternalStripped => "external-stripped",
+            Variant::Race => "race",
         }
     }
 }
@@ -148,7 +151,10 @@ pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
             .env("GOPATH", out_dir.join(".gopath"));
     }
     cmd.args(["build", "-o"]).arg(&tmp);
-    let external = matches!(v, Variant::External | Variant::ExternalStripped);
+    let external = matches!(
+        v,
+        Variant::External | Variant::ExternalStripped | Variant::Race
+    );
     cmd.env("CGO_ENABLED", if external { "1" } else { "0" });
     match v {
         Variant::Plain => {}
@@ -163,6 +169,9 @@ pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
         }
         Variant::ExternalStripped => {
             cmd.arg("-ldflags=-linkmode=external -s -w");
+        }
+        Variant::Race => {
+            cmd.arg("-race");
         }
     }
     cmd.arg(format!("./{name}"));

@@ -1,0 +1,354 @@
+//! Concurrent writes to plain maps, on live Go programs: the fatal crash
+//! caught with both writers, racy writes flagged before Go notices, no false
+//! alarm when a mutex guards the writes, and Go's race detector as referee.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use common::{go_fixture, require_root, workspace_root, Child, GoToolchain, Variant};
+use serde_json::Value;
+
+const TOOLCHAINS: [GoToolchain; 2] = [GoToolchain::Go119, GoToolchain::Go126];
+
+fn map_probe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_map-probe"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/test-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The line of the one statement in a fixture's source that starts with `prefix`.
+fn source_line(fixture: &str, prefix: &str) -> u64 {
+    let src = std::fs::read_to_string(workspace_root().join(format!("fixtures/{fixture}/main.go")))
+        .unwrap();
+    let lines: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.trim_start().starts_with(prefix))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "`{prefix}` must start exactly one line of {fixture}/main.go"
+    );
+    lines[0] as u64
+}
+
+fn risks<'a>(r: &'a Value, kind: &str) -> Vec<&'a Value> {
+    r["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["kind"] == kind)
+        .collect()
+}
+
+/// Writers of a risk that sit at `function` line `line` of the fixture.
+fn writers_at<'a>(risk: &'a Value, function: &str, line: u64) -> Vec<&'a Value> {
+    risk["writers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["function"] == function && w["line"] == line)
+        .collect()
+}
+
+fn check_fatal(r: &Value, what: &str) {
+    let line = source_line("mapcrash", "shared[");
+    let fatal = risks(r, "fatal");
+    assert_eq!(fatal.len(), 1, "{what}: one fatal risk: {}", r["risks"]);
+    let f = fatal[0];
+    assert_eq!(f["message"], "concurrent map writes", "{what}");
+    let at = writers_at(f, "main.writer", line);
+    assert!(
+        at.len() >= 2,
+        "{what}: both writers' stacks at mapcrash/main.go:{line}: {f}"
+    );
+    let thrower = f["writers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["state"] == "throwing")
+        .unwrap();
+    let stack: Vec<&str> = thrower["stack"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["function"].as_str().unwrap())
+        .collect();
+    assert!(
+        stack.iter().any(|s| s.starts_with("runtime.mapassign")),
+        "{what}: {stack:?}"
+    );
+    assert!(stack.contains(&"main.writer"), "{what}: {stack:?}");
+    for w in f["writers"].as_array().unwrap() {
+        for fr in w["stack"].as_array().unwrap() {
+            assert!(
+                fr["function"].is_string() && fr["file"].is_string() && fr["line"].is_u64(),
+                "{fr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fatal_crash_is_caught_with_both_writers_attached() {
+    require_root();
+    for go in TOOLCHAINS {
+        let bin = go_fixture("mapcrash", go, Variant::Plain);
+        let mut fixture = Child::spawn(&bin, &["-delay", "2s"]);
+        fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+        let out_json = tmp(&format!("mapcrash-attach-{go:?}.json"));
+        let out = map_probe(&[
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "30",
+            "--json",
+            out_json.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{go:?}: {err}");
+        assert!(
+            err.contains("fatal error: concurrent map writes"),
+            "{go:?}: {err}"
+        );
+        check_fatal(&json(&out_json), &format!("{go:?} attach"));
+    }
+}
+
+#[test]
+fn fatal_crash_is_caught_with_both_writers_run() {
+    require_root();
+    for go in TOOLCHAINS {
+        let bin = go_fixture("mapcrash", go, Variant::Stripped);
+        let out_json = tmp(&format!("mapcrash-run-{go:?}.json"));
+        let out = map_probe(&[
+            "run",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--",
+            bin.to_str().unwrap(),
+            "-delay",
+            "1s",
+        ]);
+        // `run` exits with the program's own status: Go exits 2 on a fatal error.
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{go:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("concurrent-write risks:"), "{text}");
+        check_fatal(&json(&out_json), &format!("{go:?} run"));
+    }
+}
+
+/// Two unlocked writers that only sometimes overlap are flagged within 20 s
+/// with the default budget (seen: after 1-6 s). Go's own check may kill the
+/// program first now and then; then it is run again, up to three times.
+#[test]
+fn racy_writes_are_flagged() {
+    require_root();
+    let line = source_line("mapracy", "shared[");
+    for go in TOOLCHAINS {
+        let bin = go_fixture("mapracy", go, Variant::Plain);
+        let mut flagged = None;
+        for attempt in 0..3 {
+            let mut fixture = Child::spawn(&bin, &["-duration", "25s"]);
+            fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+            let out_json = tmp(&format!("mapracy-{go:?}-{attempt}.json"));
+            let out = map_probe(&[
+                "attach",
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "20",
+                "--json",
+                out_json.to_str().unwrap(),
+            ]);
+            assert!(
+                matches!(out.status.code(), Some(0) | Some(3)),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r = json(&out_json);
+            if let Some(o) = risks(&r, "overlap").first() {
+                flagged = Some((*o).clone());
+                break;
+            }
+            assert!(
+                !risks(&r, "fatal").is_empty() || attempt < 2,
+                "{go:?}: nothing flagged in 20 s: {}",
+                r["sampling"]
+            );
+        }
+        let o = flagged.unwrap_or_else(|| panic!("{go:?}: no overlap flagged in three runs"));
+        eprintln!(
+            "{go:?}: overlap flagged after {:.1} s (x{})",
+            o["first_seen_secs"], o["count"]
+        );
+        assert!(o["first_seen_secs"].as_f64().unwrap() < 20.0);
+        assert!(o["map"].as_str().unwrap().starts_with("0x"), "{o}");
+        let ws = o["writers"].as_array().unwrap();
+        assert_eq!(ws.len(), 2, "{o}");
+        assert_ne!(
+            ws[0]["goroutine"], ws[1]["goroutine"],
+            "two different goroutines: {o}"
+        );
+        assert_eq!(
+            writers_at(&o, "main.writeLoop", line).len(),
+            2,
+            "{go:?}: both at mapracy/main.go:{line}: {o}"
+        );
+    }
+}
+
+/// The same program with a mutex around every write: nothing flagged over the
+/// same time, although the map-write probes saw the writes.
+#[test]
+fn mutex_guarded_writes_are_never_flagged() {
+    require_root();
+    for go in TOOLCHAINS {
+        let bin = go_fixture("mapracy", go, Variant::Plain);
+        let mut fixture = Child::spawn(&bin, &["-duration", "25s", "-mutex"]);
+        fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+        let out_json = tmp(&format!("mapracy-mutex-{go:?}.json"));
+        let out = map_probe(&[
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "20",
+            "--json",
+            out_json.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = json(&out_json);
+        assert_eq!(
+            r["risks"].as_array().unwrap().len(),
+            0,
+            "{go:?}: false positive: {}",
+            r["risks"]
+        );
+        let watched = r["sampling"]["map_writes"]["raw_hits"].as_u64().unwrap();
+        assert!(
+            watched > 200,
+            "{go:?}: the map-write probes must have seen the writes: {}",
+            r["sampling"]
+        );
+        assert!(fixture.running());
+    }
+}
+
+/// The user frames a race report names for each access: `func()` lines
+/// followed by `\tfile:line +0x..` lines, the first frame outside runtime.
+fn race_sites(report: &str) -> HashSet<(String, u64)> {
+    let mut sites = HashSet::new();
+    let lines: Vec<&str> = report.lines().collect();
+    let mut want = false;
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim();
+        if t.starts_with("Write at")
+            || t.starts_with("Previous write at")
+            || t.starts_with("Read at")
+            || t.starts_with("Previous read at")
+        {
+            want = true;
+            continue;
+        }
+        if want && t.ends_with("()") && !t.starts_with("runtime.") && !t.starts_with("internal/") {
+            let func = t.trim_end_matches("()").to_string();
+            let loc = lines.get(i + 1).map(|s| s.trim()).unwrap_or("");
+            let line = loc
+                .split_whitespace()
+                .next()
+                .and_then(|fl| fl.rsplit(':').next())
+                .and_then(|n| n.parse().ok());
+            if let Some(line) = line {
+                sites.insert((func, line));
+            }
+            want = false;
+        }
+    }
+    sites
+}
+
+/// Go's race detector, on a -race build of the racy program, names the
+/// racing map writes; the sites it names are among those map-probe flags on
+/// the ordinary build.
+#[test]
+fn race_detector_names_the_sites_map_probe_flags() {
+    require_root();
+    for go in TOOLCHAINS {
+        let race_bin = go_fixture("mapracy", go, Variant::Race);
+        let out = Command::new(&race_bin)
+            .args(["-duration", "3s"])
+            .env("GORACE", "halt_on_error=0")
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            report.contains("WARNING: DATA RACE"),
+            "{go:?}: the race detector saw nothing: {report}"
+        );
+        let theirs = race_sites(&report);
+        assert!(!theirs.is_empty(), "{go:?}: no user frames in: {report}");
+
+        let bin = go_fixture("mapracy", go, Variant::Plain);
+        let mut ours = HashSet::new();
+        for attempt in 0..3 {
+            let mut fixture = Child::spawn(&bin, &["-duration", "25s"]);
+            fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+            let out_json = tmp(&format!("mapracy-referee-{go:?}-{attempt}.json"));
+            let _ = map_probe(&[
+                "attach",
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "20",
+                "--json",
+                out_json.to_str().unwrap(),
+            ]);
+            for r in json(&out_json)["risks"].as_array().unwrap() {
+                for w in r["writers"].as_array().unwrap() {
+                    ours.insert((
+                        w["function"].as_str().unwrap().to_string(),
+                        w["line"].as_u64().unwrap(),
+                    ));
+                }
+            }
+            if !ours.is_empty() {
+                break;
+            }
+        }
+        eprintln!("{go:?}: race detector sites {theirs:?}, map-probe sites {ours:?}");
+        assert!(
+            theirs.is_subset(&ours),
+            "{go:?}: race detector names {theirs:?}, map-probe flagged {ours:?}"
+        );
+    }
+}
