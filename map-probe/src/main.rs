@@ -209,7 +209,12 @@ fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> 
     let plans = Plans { locks, maps, fatal };
     let goid = catalog::goid_offset(target.bin.go_version());
     let mut probes = Probes::load(target.pid, target.open_path.clone(), goid, &plans.all())?;
-    probes.attach(Purpose::Fatal)?;
+    if let Err(e) = probes.attach(Purpose::Fatal) {
+        if !target.alive() {
+            bail!("PID {} exited while map-probe was attaching", target.pid);
+        }
+        return Err(e);
+    }
     if let Err(e) = probes.attach_crash_signals() {
         log::warn!("{e}: a crash will show the throwing goroutine only");
     }

@@ -140,15 +140,17 @@ pub struct Report {
 
 /// Frames that belong to the lock and map machinery rather than the user's code.
 pub fn is_machinery(function: &str) -> bool {
-    [
-        "sync.",
-        "internal/sync.",
-        "runtime.",
-        "sync/atomic.",
-        "internal/runtime/",
-    ]
-    .iter()
-    .any(|p| function.starts_with(p))
+    // Runtime assembly (aeshashbody, memeqbody, ...) has no package prefix.
+    !function.contains('.')
+        || [
+            "sync.",
+            "internal/sync.",
+            "runtime.",
+            "sync/atomic.",
+            "internal/runtime/",
+        ]
+        .iter()
+        .any(|p| function.starts_with(p))
 }
 
 /// The user's frame in a stack: the innermost one outside the machinery.
