@@ -174,9 +174,13 @@ fn ranks_call_sites_on_every_kind_of_build() {
                 r["sites"]
             );
             let svg = std::fs::read_to_string(&out_svg).unwrap();
+            let frame = format!(
+                "main.hotPath contended/main.go:{}",
+                source_line("hotMu.Lock()")
+            );
             assert!(
-                svg.contains("main.hotPath main.go:"),
-                "{what}: flamegraph frames are `function file:line`"
+                svg.contains(&frame),
+                "{what}: flamegraph frames are `function file:line`, e.g. {frame}"
             );
             assert!(
                 svg.contains(&format!("pid {}", fixture.pid())),

@@ -11,7 +11,8 @@
 //! exits 0 whatever the verdict, and non-zero only when it could not measure.
 //!
 //! Modes (`--mode`) are rows of [`MODES`]: the fixture, how to load it and extra map-probe
-//! arguments. Only `lock` exists today; a `map` mode (map-write probes) is one more row.
+//! arguments: `lock` loads the shared-cache endpoint (lock contention), `map` the map-heavy
+//! session endpoint (map-write probes); both attach with map-probe's default probes.
 
 mod json;
 mod procs;
@@ -48,13 +49,23 @@ struct Mode {
 
 const MODES: &[Mode] = &[Mode {
     name: "lock",
-    about: "lock-wait probes on fixtures/httpcache (HTTP service, one mutex-guarded shared cache)",
+    about: "default probes on fixtures/httpcache /item (HTTP service, one mutex-guarded shared cache)",
     fixture: "httpcache",
     fixture_args: &["-addr", "127.0.0.1:0", "-keys", "64"],
     ready_prefix: "listening ",
     url_path: "/item",
     script: "httpcache.lua",
     script_args: &["64"],
+    probe_args: &[],
+}, Mode {
+    name: "map",
+    about: "default probes on fixtures/httpcache /session (some twenty plain-map writes per request)",
+    fixture: "httpcache",
+    fixture_args: &["-addr", "127.0.0.1:0"],
+    ready_prefix: "listening ",
+    url_path: "/session",
+    script: "session.lua",
+    script_args: &[],
     probe_args: &[],
 }];
 
