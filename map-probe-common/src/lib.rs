@@ -38,6 +38,14 @@ pub mod stat {
     pub const COUNT: u32 = 16;
 }
 
+/// The per-CPU counters, in one map entry so the agent reads them all in one
+/// system call, which it does every few milliseconds while a window is open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub n: [u64; stat::COUNT as usize],
+}
+
 /// Written by the agent before each map-write window: writes remembered
 /// from an earlier window (whose return the probes never saw) are ignored.
 #[repr(C)]
@@ -168,6 +176,7 @@ mod user {
     unsafe impl aya::Pod for SiteStats {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Writer {}
     unsafe impl aya::Pod for OverlapKey {}
     unsafe impl aya::Pod for OverlapVal {}

@@ -15,8 +15,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
     programs::{ProbeContext, RawTracePointContext, tracing::StackIdContext},
 };
+use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_RET, Control, CrashStack, FATAL_MSG, Fatal, Inflight, MAX_CRASH, MAX_INFLIGHT,
+    COOKIE_RET, Control, Counters, CrashStack, FATAL_MSG, Fatal, Inflight, MAX_CRASH, MAX_INFLIGHT,
     MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, OverlapKey, OverlapVal, SIGURG, SiteKey,
     SiteStats, Writer, stat,
 };
@@ -40,7 +41,7 @@ static STACKS: StackTrace = StackTrace::with_max_entries(MAX_STACKS, 0);
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+static STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
@@ -75,8 +76,10 @@ static FATAL_SCRATCH: PerCpuArray<Fatal> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {
-    if let Some(p) = STATS.get_ptr_mut(idx) {
-        unsafe { *p += 1 };
+    if let Some(p) = STATS.get_ptr_mut(0) {
+        if let Some(n) = unsafe { (*p).n.get_mut(idx as usize) } {
+            *n += 1;
+        }
     }
 }
 
@@ -125,6 +128,7 @@ fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, now: u64) {
             let s = SiteStats { count: 1, ..SiteStats::default() };
             if SITES.insert(&key, &s, 0).is_err() {
                 bump(stat::AGG_FULL);
+                warn!(ctx, "site map full: a lock wait was not recorded");
                 return;
             }
         }
@@ -301,8 +305,10 @@ pub fn go_fatal(ctx: ProbeContext) -> u32 {
         probe_read_user_raw(f.msg.as_mut_ptr().cast(), len as u32, regs.rax as *const _);
     }
     // The first fatal on a thread wins: maps.fatal calls runtime.fatal.
-    if FATALS.insert(&tid, f, BPF_NOEXIST as u64).is_err() && unsafe { FATALS.get(&tid) }.is_none() {
-        bump(stat::CRASH_FULL);
+    match FATALS.insert(&tid, f, BPF_NOEXIST as u64) {
+        Ok(()) => info!(&ctx, "fatal error on thread {}, goroutine {}", tid, f.goid),
+        Err(_) if unsafe { FATALS.get(&tid) }.is_none() => bump(stat::CRASH_FULL),
+        Err(_) => {}
     }
     0
 }

@@ -54,7 +54,9 @@ impl Governor {
             cfg,
             window_start: None,
             window_hits0: 0,
-            window_len: cfg.window,
+            // The first window only measures the rate: short, in case the
+            // path is hot.
+            window_len: MIN_WINDOW.min(cfg.window),
             next_attach: now,
             attached: Duration::ZERO,
             windows: 0,

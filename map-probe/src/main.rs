@@ -66,29 +66,38 @@ struct Common {
     /// Rows in the terminal table.
     #[arg(long, default_value_t = 20)]
     top: usize,
-    /// Most of one CPU the probes may cost the target, in percent. The
-    /// governor opens probe windows only as often as this allows and scales
-    /// counts by elapsed/attached time. 0 keeps the probes attached all the time.
+    /// Most of one CPU the probes may cost the target, in percent, split
+    /// evenly between lock-wait and map-write probes. The governor opens
+    /// probe windows only as often as this allows (hits x --hit-cost-us) and
+    /// scales counts by elapsed/attached time. 0 keeps the probes attached
+    /// all the time.
     #[arg(long, value_name = "PCT", default_value_t = 0.5)]
     budget: f64,
-    /// Length of one probe window in milliseconds.
+    /// Longest lock-wait probe window in milliseconds; a window also closes
+    /// once it has cost the target 50 ms.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     window_ms: u64,
     /// Longest pause between two windows, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 20.0)]
     max_gap: f64,
-    /// Estimated cost of one uprobe hit to the target, in microseconds (about
-    /// 10 on the VMs we measured, under 1 on bare metal).
-    #[arg(long, value_name = "US", default_value_t = 10.0)]
+    /// Estimated cost of one uprobe hit to the target, in microseconds. A trap
+    /// took about 10 on the VMs we measured (under 1 on bare metal); the
+    /// default doubles it because a trap on a lock or map path also delays
+    /// the goroutines queued behind it.
+    #[arg(long, value_name = "US", default_value_t = 20.0)]
     hit_cost_us: f64,
+    /// Count lock waits without timing them: no probes on the RET
+    /// instructions, so half the traps and none while a woken goroutine
+    /// already holds the lock it waited for.
+    #[arg(long)]
+    no_wait_time: bool,
     /// Don't watch plain-map writes for concurrent writers (lock contention
     /// and the fatal-crash capture stay on).
     #[arg(long)]
     no_map_writes: bool,
-    /// Length of one map-write probe window in milliseconds. Map writes are
-    /// hot, so their windows are short and close early once they have cost
-    /// a few milliseconds of the target's time.
-    #[arg(long, value_name = "MS", default_value_t = 200)]
+    /// Longest map-write probe window in milliseconds. Map writes are hot,
+    /// so a map window also closes once it has cost the target 5 ms.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
     map_window_ms: u64,
 }
 
@@ -109,14 +118,16 @@ impl Common {
             hit_cost: Duration::from_secs_f64(self.hit_cost_us.max(0.0) / 1e6),
             window: Duration::from_millis(self.window_ms.max(50)),
             max_gap: Duration::from_secs_f64(self.max_gap.max(0.1)),
-            max_window_cost: MAX_WINDOW_COST,
+            max_window_cost: LOCK_WINDOW_COST,
         };
         let maps = governor::Config {
             window: Duration::from_millis(self.map_window_ms.max(20)),
+            max_window_cost: MAP_WINDOW_COST,
             ..locks
         };
         Ok(session::Options {
             duration: self.duration.map(Duration::from_secs_f64),
+            wait_time: !self.no_wait_time,
             locks,
             maps: (!self.no_map_writes).then_some(maps),
             outputs: Outputs {
@@ -130,8 +141,12 @@ impl Common {
 }
 
 /// The most one probe window may cost the target before the governor closes
-/// it early: a few milliseconds of stall, whatever the path's call rate.
-const MAX_WINDOW_COST: Duration = Duration::from_millis(5);
+/// it early. A lock-wait trap delays a goroutine that is about to park
+/// anyway, so lock windows may run longer (and sample more); a map-write trap
+/// sits on the request path, so a map window stops after a few milliseconds
+/// of stall, whatever the call rate.
+const LOCK_WINDOW_COST: Duration = Duration::from_millis(50);
+const MAP_WINDOW_COST: Duration = Duration::from_millis(5);
 
 /// Exit status when the target exited before the run was over: the outputs
 /// are written, but the caller should know the window was cut short.
@@ -190,7 +205,10 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
 /// programs. The crash watch (fatal errors and the SIGURG stacks) goes in at
 /// once and stays: it costs nothing until the target is dying.
 fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> {
-    let locks = catalog::plan(&target.bin, Purpose::LockWait)?;
+    let mut locks = catalog::plan(&target.bin, Purpose::LockWait)?;
+    if !opts.wait_time {
+        locks.points.iter_mut().for_each(|p| p.ret_offsets.clear());
+    }
     let maps = match opts.maps {
         Some(_) => Some(catalog::plan(&target.bin, Purpose::MapWrite)?),
         None => None,

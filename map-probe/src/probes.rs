@@ -15,7 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use map_probe_common::{
-    stat, Control, CrashStack, Fatal, OverlapKey, OverlapVal, SiteKey, SiteStats, COOKIE_RET,
+    stat, Control, Counters, CrashStack, Fatal, OverlapKey, OverlapVal, SiteKey, SiteStats,
+    COOKIE_RET,
 };
 
 use crate::catalog::{Plan, Purpose};
@@ -31,6 +32,8 @@ struct Set {
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// Messages the eBPF programs log (rare: a full map, a fatal error).
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     target: PathBuf,
     pid: NonZeroU32,
     sets: Vec<Set>,
@@ -46,6 +49,9 @@ impl Probes {
             .map_err(|e| {
                 anyhow!("loading the eBPF programs failed: {e} (see `map-probe doctor`)")
             })?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .map_err(|e| log::debug!("no eBPF log: {e}"))
+            .ok();
         let mut sets = Vec::new();
         for plan in plans {
             let prog = uprobe(&mut ebpf, plan.purpose)?;
@@ -68,6 +74,7 @@ impl Probes {
         }
         Ok(Probes {
             ebpf,
+            logger,
             target,
             pid: NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?,
             sets,
@@ -151,12 +158,21 @@ impl Probes {
         Ok(())
     }
 
+    /// Passes on what the eBPF programs logged since the last call.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
     /// Sums of the per-CPU counters in `map_probe_common::stat`.
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize]> {
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map("STATS")?)?;
+        let arr: PerCpuArray<&MapData, Counters> = PerCpuArray::try_from(self.map("STATS")?)?;
         let mut out = [0u64; stat::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = arr.get(&(i as u32), 0)?.iter().sum();
+        for cpu in arr.get(&0, 0)?.iter() {
+            for (o, n) in out.iter_mut().zip(cpu.n.iter()) {
+                *o += n;
+            }
         }
         Ok(out)
     }

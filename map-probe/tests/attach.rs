@@ -449,3 +449,43 @@ fn attaches_across_mount_namespaces() {
         r["sites"]
     );
 }
+
+/// The live status line: refreshed on a terminal, absent when stdout is not one.
+#[test]
+fn status_line_only_on_a_terminal() {
+    require_root();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Plain);
+    let fixture = start_contended(&bin, &[]);
+    let cmd = format!(
+        "{} attach --pid {} --duration 2",
+        env!("CARGO_BIN_EXE_map-probe"),
+        fixture.pid()
+    );
+    // `script` runs the command on a pseudo-terminal.
+    let tty = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "{shown}");
+    assert!(
+        shown.contains("\r\x1b[Kmap-probe: ")
+            && shown.contains(" sites, ")
+            && shown.contains(" events, ")
+            && shown.contains(" drops, "),
+        "status line on a terminal: {shown:?}"
+    );
+    let piped = map_probe(&[
+        "attach",
+        "--pid",
+        &fixture.pid().to_string(),
+        "--duration",
+        "2",
+    ]);
+    let text = String::from_utf8_lossy(&piped.stdout);
+    assert!(
+        !text.contains('\r') && !text.contains("\x1b["),
+        "no status line into a pipe: {text:?}"
+    );
+    assert!(text.contains("RANK"), "{text}");
+}

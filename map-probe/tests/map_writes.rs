@@ -223,6 +223,39 @@ fn racy_writes_are_flagged() {
     }
 }
 
+/// The racy program started by `map-probe run`: probes in place from the start.
+#[test]
+fn racy_writes_are_flagged_with_run() {
+    require_root();
+    let line = source_line("mapracy", "shared[");
+    let bin = go_fixture("mapracy", GoToolchain::Go126, Variant::Stripped);
+    for attempt in 0..3 {
+        let out_json = tmp(&format!("mapracy-run-{attempt}.json"));
+        let out = map_probe(&[
+            "run",
+            "--json",
+            out_json.to_str().unwrap(),
+            "--",
+            bin.to_str().unwrap(),
+            "-duration",
+            "10s",
+        ]);
+        let r = json(&out_json);
+        if let Some(o) = risks(&r, "overlap").first() {
+            assert_eq!(writers_at(o, "main.writeLoop", line).len(), 2, "{o}");
+            return;
+        }
+        // Only Go's own check killing the program first excuses a miss.
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "nothing flagged in 10 s: {}",
+            r["sampling"]
+        );
+    }
+    panic!("no overlap flagged in three runs");
+}
+
 /// The same program with a mutex around every write: nothing flagged over the
 /// same time, although the map-write probes saw the writes.
 #[test]

@@ -84,7 +84,7 @@ options:
                      (/usr/lib/go-1.19/bin/go) or a path to a go binary
   --warmup SECS      load before the first phase (default 3)
   --threads N        wrk threads (default 2)
-  --connections N    wrk connections (default 32)
+  --connections N    wrk connections (default 256: enough to keep the cache lock contended)
   --settle SECS      pause before each phase's load; map-probe attaches in it (default 0.5)
   --no-build         skip setup and the map-probe build (use target/release/map-probe as is)
   -- ARGS...         more `map-probe attach` arguments, e.g. -- --window-ms 2000 --hit-cost-us 30
@@ -123,7 +123,7 @@ fn parse_opts(args: &[String]) -> Result<Option<Opts>, String> {
         go: None,
         warmup: 3,
         threads: 2,
-        connections: 32,
+        connections: 256,
         settle: 0.5,
         build: true,
         probe_extra: Vec::new(),
