@@ -117,12 +117,22 @@ impl Governor {
 
     /// `start`/`end` bracket the detach call. The kernel restores the
     /// original instructions at its start and spends the rest (~100 ms here)
-    /// waiting for a grace period, so the window closes at `start`.
-    pub fn detached_at(&mut self, start: Instant, end: Instant) {
+    /// waiting for a grace period, so the window closes at `start`. `hits`
+    /// is read after the detach: the probes go on firing while they are
+    /// being removed, and that tail is paid for by the gap like the rest.
+    pub fn detached_at(&mut self, start: Instant, end: Instant, hits: u64) {
         if let Some(ws) = self.window_start.take() {
             self.attached += start.saturating_duration_since(ws);
             // The detach itself took time the target spent unprobed anyway.
             self.next_attach = self.next_attach.max(end);
+            if self.cfg.budget > 0.0 {
+                let spent = self
+                    .cfg
+                    .hit_cost
+                    .mul_f64(hits.saturating_sub(self.window_hits0) as f64);
+                let payback = spent.div_f64(self.cfg.budget).min(self.cfg.max_gap);
+                self.next_attach = self.next_attach.max(ws + payback);
+            }
         }
     }
 
@@ -180,7 +190,7 @@ mod tests {
         // budget -> 50% duty; the window cost 10 ms, under the 20 ms cap.
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(g.tick(t1, 1000), Decision::Detach);
-        g.detached_at(t1, t1);
+        g.detached_at(t1, t1, 1000);
         assert_eq!(
             g.tick(t1 + Duration::from_millis(400), 1000),
             Decision::Stay
@@ -201,11 +211,28 @@ mod tests {
         // 50 ms in, 5000 hits = 50 ms of traps: over the 20 ms cap.
         let t1 = t0 + Duration::from_millis(50);
         assert_eq!(g.tick(t1, 5000), Decision::Detach);
-        g.detached_at(t1, t1);
+        g.detached_at(t1, t1, 5000);
         // 100k hits/s = 1 CPU: next window 20 ms, duty 0.5% -> ~10 s away.
         assert_eq!(g.window_len, Duration::from_millis(20));
         assert_eq!(g.tick(t1 + Duration::from_secs(9), 5000), Decision::Stay);
         assert_eq!(g.tick(t1 + Duration::from_secs(10), 5000), Decision::Attach);
+    }
+
+    #[test]
+    fn hits_while_detaching_push_the_next_window_back() {
+        let t0 = Instant::now();
+        let mut g = Governor::new(cfg(0.005), t0);
+        g.attached_at(t0, t0, 0);
+        let t1 = t0 + Duration::from_millis(20);
+        assert_eq!(g.tick(t1, 3000), Decision::Detach);
+        // 2000 more hits before the probes were gone: 5000 * 10 µs = 50 ms
+        // of the target's time, paid back over 10 s at 0.5%.
+        g.detached_at(t1, t1 + Duration::from_millis(30), 5000);
+        assert_eq!(
+            g.tick(t0 + Duration::from_millis(9990), 5000),
+            Decision::Stay
+        );
+        assert_eq!(g.tick(t0 + Duration::from_secs(10), 5000), Decision::Attach);
     }
 
     #[test]

@@ -96,7 +96,7 @@ struct Common {
     #[arg(long)]
     no_map_writes: bool,
     /// Longest map-write probe window in milliseconds. Map writes are hot,
-    /// so a map window also closes once it has cost the target 5 ms.
+    /// so a map window also closes once it has cost the target 2 ms.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     map_window_ms: u64,
 }
@@ -146,7 +146,7 @@ impl Common {
 /// sits on the request path, so a map window stops after a few milliseconds
 /// of stall, whatever the call rate.
 const LOCK_WINDOW_COST: Duration = Duration::from_millis(50);
-const MAP_WINDOW_COST: Duration = Duration::from_millis(5);
+const MAP_WINDOW_COST: Duration = Duration::from_millis(2);
 
 /// Exit status when the target exited before the run was over: the outputs
 /// are written, but the caller should know the window was cut short.

@@ -119,7 +119,9 @@ impl Governed {
     fn close(&mut self, probes: &mut Probes) -> Result<()> {
         let d = Instant::now();
         probes.detach(self.purpose)?;
-        self.gov.detached_at(d, Instant::now());
+        let end = Instant::now();
+        let hits = self.hits(&probes.stats()?);
+        self.gov.detached_at(d, end, hits);
         Ok(())
     }
 }
