@@ -6,7 +6,10 @@ use std::{fs, io::BufWriter, path::Path};
 use anyhow::{anyhow, Context, Result};
 use inferno::flamegraph::{self, Options};
 
-use super::{terminal::short_path, Report};
+use super::{
+    terminal::{secs, short_path},
+    Report,
+};
 
 /// Folded stacks (`root;...;leaf count`), the format flamegraph tools share.
 pub fn folded(report: &Report) -> Vec<String> {
@@ -46,8 +49,10 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
         report.sampling.elapsed_secs
     );
     opts.subtitle = Some(format!(
-        "waits seen by map-probe, probes attached {:.1} s in {} window(s), counts x{:.2}",
-        report.sampling.attached_secs, report.sampling.windows, report.sampling.scale
+        "waits seen by map-probe, probes attached {} in {} window(s), counts x{:.2}",
+        secs(report.sampling.attached_secs),
+        report.sampling.windows,
+        report.sampling.scale
     ));
     opts.count_name = "waits".into();
     opts.name_type = "Frame:".into();

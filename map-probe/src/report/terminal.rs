@@ -9,12 +9,12 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
     let t = &report.target;
     writeln!(
         out,
-        "map-probe: pid {} {} ({}) for {:.1} s; probes attached {:.1} s in {} window(s), counts scaled x{:.2}",
+        "map-probe: pid {} {} ({}) for {:.1} s; probes attached {} in {} window(s), counts scaled x{:.2}",
         t.pid,
         t.exe,
         t.go_version,
         s.elapsed_secs,
-        s.attached_secs,
+        secs(s.attached_secs),
         s.windows,
         s.scale
     )?;
@@ -68,8 +68,10 @@ fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {
         if let Some(m) = watched {
             writeln!(
                 out,
-                "\nconcurrent-write risks: none seen ({} map writes watched in {} window(s), {:.1} s)",
-                m.raw_hits, m.windows, m.attached_secs
+                "\nconcurrent-write risks: none seen ({} map writes watched in {} window(s), {})",
+                m.raw_hits,
+                m.windows,
+                secs(m.attached_secs)
             )?;
         }
         return Ok(());
@@ -123,6 +125,15 @@ fn duration(ns: u64, timed: u64) -> String {
 }
 
 /// The last two path components: enough to find the file, short enough to read.
+/// Seconds for people: milliseconds below one second.
+pub fn secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1e3)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
 pub fn short_path(p: &str) -> &str {
     let mut cut = p.len();
     for _ in 0..2 {
