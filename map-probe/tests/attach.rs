@@ -4,48 +4,16 @@
 
 mod common;
 
-use std::{
-    collections::HashSet,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{collections::HashSet, path::Path, process::Command, time::Duration};
 
-use common::{go_fixture, require_root, workspace_root, Child, GoToolchain, Variant};
+use common::{
+    go_fixture, map_probe, read_json as json, require_root, tmp, Child, GoToolchain, Variant,
+};
 use serde_json::Value;
 
-fn map_probe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_map-probe"))
-        .args(args)
-        .output()
-        .expect("run map-probe")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = workspace_root().join("target/test-out");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-/// The line of the one statement in the fixture source that contains `needle`.
-fn source_line(needle: &str) -> u32 {
-    let src = std::fs::read_to_string(workspace_root().join("fixtures/contended/main.go")).unwrap();
-    let lines: Vec<usize> = src
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.trim() == needle)
-        .map(|(i, _)| i + 1)
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{needle} must appear once in contended/main.go"
-    );
-    lines[0] as u32
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// The line of the one statement in contended/main.go that is `stmt`.
+fn source_line(stmt: &str) -> u32 {
+    common::fixture_line("contended", stmt, |l| l == stmt)
 }
 
 fn start_contended(bin: &Path, extra: &[&str]) -> Child {

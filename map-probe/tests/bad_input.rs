@@ -4,25 +4,11 @@
 mod common;
 
 use std::{
-    path::PathBuf,
     process::{Command, Output},
     time::Duration,
 };
 
-use common::{go_fixture, require_root, workspace_root, Child, GoToolchain, Variant};
-
-fn map_probe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_map-probe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = workspace_root().join("target/test-out");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+use common::{go_fixture, map_probe, require_root, tmp, Child, GoToolchain, Variant};
 
 /// One line on stderr, starting with our prefix, saying `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {

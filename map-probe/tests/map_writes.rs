@@ -4,51 +4,18 @@
 
 mod common;
 
-use std::{
-    collections::HashSet,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{collections::HashSet, process::Command, time::Duration};
 
-use common::{go_fixture, require_root, workspace_root, Child, GoToolchain, Variant};
+use common::{
+    go_fixture, map_probe, read_json as json, require_root, tmp, Child, GoToolchain, Variant,
+};
 use serde_json::Value;
 
 const TOOLCHAINS: [GoToolchain; 2] = [GoToolchain::Go119, GoToolchain::Go126];
 
-fn map_probe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_map-probe"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = workspace_root().join("target/test-out");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 /// The line of the one statement in a fixture's source that starts with `prefix`.
 fn source_line(fixture: &str, prefix: &str) -> u64 {
-    let src = std::fs::read_to_string(workspace_root().join(format!("fixtures/{fixture}/main.go")))
-        .unwrap();
-    let lines: Vec<usize> = src
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.trim_start().starts_with(prefix))
-        .map(|(i, _)| i + 1)
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "`{prefix}` must start exactly one line of {fixture}/main.go"
-    );
-    lines[0] as u64
+    common::fixture_line(fixture, prefix, |l| l.starts_with(prefix)) as u64
 }
 
 fn risks<'a>(r: &'a Value, kind: &str) -> Vec<&'a Value> {

@@ -89,6 +89,43 @@ impl Variant {
     }
 }
 
+/// Runs the map-probe binary under test and collects its output.
+pub fn map_probe(args: &[&str]) -> std::process::Output {
+    Command::new(map_probe_bin())
+        .args(args)
+        .output()
+        .expect("run map-probe")
+}
+
+/// A path under `target/test-out/` for a test's outputs (kept for a look afterwards).
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = workspace_root().join("target/test-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The number of the one line of `fixtures/<fixture>/main.go` that `pick` accepts.
+pub fn fixture_line(fixture: &str, what: &str, pick: impl Fn(&str) -> bool) -> u32 {
+    let src = std::fs::read_to_string(workspace_root().join(format!("fixtures/{fixture}/main.go")))
+        .unwrap();
+    let lines: Vec<usize> = src
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| pick(l.trim()))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what} must be on exactly one line of {fixture}/main.go"
+    );
+    lines[0] as u32
+}
+
 /// The workspace root (the folder holding `fixtures/` and `target/`).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
