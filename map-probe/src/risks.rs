@@ -86,8 +86,30 @@ impl Ctx<'_, '_> {
     }
 }
 
+/// Standard-library packages have no dot in their first path element
+/// (`strconv`, `net/http`); `main` and modules (`github.com/...`) are the
+/// user's.
+fn is_std(function: &str) -> bool {
+    let first = match function.find('/') {
+        Some(i) => &function[..i],
+        None => function.split('.').next().unwrap_or(function),
+    };
+    first != "main" && !first.contains('.')
+}
+
+/// The writer's line in the user's code: the innermost frame outside the
+/// runtime and the standard library (a write reached through `strconv` or
+/// `url.Values.Set` is the caller's), else the innermost outside the runtime.
+fn user_site(stack: &[FrameOut]) -> FrameOut {
+    stack
+        .iter()
+        .find(|f| !is_machinery(&f.function) && !is_std(&f.function))
+        .cloned()
+        .unwrap_or_else(|| site_of(stack))
+}
+
 fn writer(goroutine: u64, state: &str, stack: Vec<FrameOut>) -> WriterOut {
-    let site = site_of(&stack);
+    let site = user_site(&stack);
     WriterOut {
         goroutine,
         state: state.into(),
@@ -231,4 +253,28 @@ fn fatal(cx: &mut Ctx, overlaps: &[Risk], clock: Clock) -> Result<Option<Risk>> 
         first_seen_unix_nanos: clock.unix(first.ts_ns),
         writers,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_std;
+
+    #[test]
+    fn standard_library_is_told_from_user_code() {
+        for f in [
+            "strconv.FormatInt",
+            "net/http.(*conn).serve",
+            "encoding/json.Marshal",
+        ] {
+            assert!(is_std(f), "{f}");
+        }
+        for f in [
+            "main.writer",
+            "main.main.func1",
+            "github.com/x/y.(*T).Put",
+            "example.com/m.F",
+        ] {
+            assert!(!is_std(f), "{f}");
+        }
+    }
 }
