@@ -91,7 +91,8 @@ fn is_target() -> bool {
 
 /// Runs at the first instruction after the stack-bound check of a runtime
 /// semaphore acquire (so a morestack restart cannot count one wait twice) and
-/// at each of its RET instructions (never a uretprobe: Go moves stacks).
+/// at each of its RET instructions (never a kernel return probe: it rewrites
+/// the return address on a stack Go may move).
 #[uprobe(multi)]
 pub fn lock_wait(ctx: ProbeContext) -> u32 {
     if !is_target() {

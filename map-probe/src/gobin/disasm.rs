@@ -1,6 +1,6 @@
 //! Where uprobes may go inside one Go function: past the stack-bound check
 //! and on every RET. See notes §2.1/§2.2 for why (morestack restarts the
-//! function; uretprobes corrupt moved goroutine stacks).
+//! function; kernel return probes rewrite return addresses on stacks Go moves).
 //!
 //! Prologue shapes emitted by cmd/internal/obj/x86/obj6.go `stacksplit`:
 //!   small frame:  CMPQ SP, 16(R14); JLS morestack

@@ -105,7 +105,8 @@ pub struct ProbePoints {
     /// First instruction after the stack-bound check and its JBE, which a
     /// morestack restart does not re-execute; `entry` for NOSPLIT functions.
     pub after_check: u64,
-    /// Every RET in the function, for return probes (never uretprobes on Go).
+    /// Every RET in the function, for exit probes (kernel return probes
+    /// break on Go's moving stacks).
     pub rets: Vec<u64>,
 }
 
