@@ -32,9 +32,6 @@ pub struct Drops {
 }
 
 impl Drops {
-    pub fn lost_events(&self) -> u64 {
-        self.site_map_full
-    }
     pub fn any(&self) -> bool {
         self.stack_lost + self.site_map_full + self.inflight_full > 0
     }
@@ -46,9 +43,9 @@ pub struct Totals {
     pub drops: Drops,
 }
 
-pub fn totals(probes: &Probes) -> Result<Totals> {
-    let s = probes.stats()?;
-    Ok(Totals {
+/// The loss counters and hit totals out of `Probes::stats()`.
+pub fn totals(s: &[u64]) -> Totals {
+    Totals {
         hits: s[stat::HITS as usize],
         ret_hits: s[stat::RET_HITS as usize],
         drops: Drops {
@@ -57,7 +54,7 @@ pub fn totals(probes: &Probes) -> Result<Totals> {
             inflight_full: s[stat::INFLIGHT_FULL as usize],
             ret_unmatched: s[stat::RET_UNMATCHED as usize],
         },
-    })
+    }
 }
 
 pub fn collect(probes: &Probes) -> Result<Vec<RawSite>> {
@@ -67,19 +64,7 @@ pub fn collect(probes: &Probes) -> Result<Vec<RawSite>> {
             // Only a wait's end was seen here; its start fell outside a window.
             continue;
         }
-        let mut pcs = if key.stack_id >= 0 {
-            probes.stack(key.stack_id).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let first_is_ip = !pcs.is_empty();
-        // A frame-pointer walk from a function's first instructions skips the
-        // direct caller: the kernel adds it only when the probed instruction
-        // is `push %rbp`, which Go 1.19's prologue does not use.
-        if key.caller != 0 && pcs.get(1) != Some(&key.caller) {
-            let at = pcs.len().min(1);
-            pcs.insert(at, key.caller);
-        }
+        let (pcs, first_is_ip) = probes.stack_at_entry(key.stack_id, key.caller);
         out.push(RawSite {
             point: key.probe as usize,
             pcs,

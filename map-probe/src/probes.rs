@@ -244,6 +244,21 @@ impl Probes {
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
+    /// The stack of a hit on a function's first instructions, innermost
+    /// first, and whether its first address is the probed instruction itself
+    /// (false when the stack was lost). A frame-pointer walk from there skips
+    /// the direct caller: the kernel adds it only when the probed instruction
+    /// is `push %rbp`, which Go 1.19's prologue does not use, so `caller`
+    /// (read from `*(rsp)`) goes in unless it is already there.
+    pub fn stack_at_entry(&self, stack_id: i32, caller: u64) -> (Vec<u64>, bool) {
+        let mut pcs = self.stack(stack_id).unwrap_or_default();
+        let first_is_ip = !pcs.is_empty();
+        if caller != 0 && pcs.get(1) != Some(&caller) {
+            pcs.insert(pcs.len().min(1), caller);
+        }
+        (pcs, first_is_ip)
+    }
+
     /// The user stack behind a stack id, innermost first (runtime addresses).
     pub fn stack(&self, id: i32) -> Option<Vec<u64>> {
         let map = StackTraceMap::try_from(self.map("STACKS").ok()?).ok()?;

@@ -55,15 +55,7 @@ impl Ctx<'_, '_> {
     /// Frames for a stack captured at a probe on a function's first
     /// instructions, with the caller the frame-pointer walk misses.
     fn stack_at_probe(&mut self, stack_id: i32, caller: u64) -> Vec<FrameOut> {
-        let mut pcs = if stack_id >= 0 {
-            self.probes.stack(stack_id).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let first_is_ip = !pcs.is_empty();
-        if caller != 0 && pcs.get(1) != Some(&caller) {
-            pcs.insert(pcs.len().min(1), caller);
-        }
+        let (pcs, first_is_ip) = self.probes.stack_at_entry(stack_id, caller);
         self.sym
             .stack(&pcs, first_is_ip)
             .iter()

@@ -257,7 +257,8 @@ fn build_report(
     clock: Clock,
 ) -> Result<Report> {
     let now = Instant::now();
-    let totals = aggregate::totals(probes)?;
+    let stats = probes.stats()?;
+    let totals = aggregate::totals(&stats);
     let raw = aggregate::collect(probes)?;
     let locks = &sets[0].gov;
     let scale = locks.scale(elapsed, now);
@@ -265,7 +266,6 @@ fn build_report(
     let (sites, stacks) = report::build_sites(&raw, &plans.locks.points, &mut sym, scale);
     let risks = risks::collect(probes, plans.maps.as_ref(), &mut sym, clock)?;
     let cfg = locks.config();
-    let stats = probes.stats()?;
     let map_writes = sets
         .iter()
         .find(|s| s.purpose == Purpose::MapWrite)
