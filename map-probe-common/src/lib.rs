@@ -35,6 +35,12 @@ pub mod stat {
     pub const CRASH_STACKS: u32 = 11;
     /// A crash-time record (fatal or thread stack) lost: its map was full.
     pub const CRASH_FULL: u32 = 12;
+    /// A map write's RET with no recorded entry (its entry fell outside a window).
+    pub const MAP_RET_UNMATCHED: u32 = 13;
+    /// A second goroutine entered a write to a map another one was inside.
+    /// It becomes an overlap only when the first write's RET is seen; a
+    /// first write whose end was never seen (a panic, a missed RET) is not one.
+    pub const OVERLAP_CANDIDATES: u32 = 14;
     pub const COUNT: u32 = 16;
 }
 
@@ -54,17 +60,47 @@ pub struct Control {
     pub generation: u64,
 }
 
-/// A goroutine inside a write to a plain map.
+/// One call of a map write: the goroutine (`g`, R14) and how deep in its
+/// stack the call's frame sits (`g.stack.hi - rsp`). The depth is the same at
+/// the entry probe and at the RET of the same call, even when Go moved the
+/// stack in between, so a RET is matched to its own entry, not to a nested
+/// or an earlier, unfinished write of the same goroutine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WriteKey {
+    pub g: u64,
+    pub depth: u64,
+}
+
+/// A map write in progress, from its entry until its RET.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Writer {
-    pub g: u64,
+    pub map: u64,
     pub goid: u64,
+    /// `*(rsp)` at entry: the return address, checked again at the RET.
     pub caller: u64,
     pub start_ns: u64,
     pub generation: u64,
     pub stack_id: i32,
     pub probe: u32,
+    /// Entries of other goroutines into the same map while this write was
+    /// in progress, and the first of them; committed as an overlap at this
+    /// write's RET.
+    pub overlaps: u64,
+    pub second_ns: u64,
+    pub second_goid: u64,
+    pub second_caller: u64,
+    pub second_stack: i32,
+    pub second_probe: u32,
+}
+
+/// Per map header: the write in progress that entered it first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapOwner {
+    pub key: WriteKey,
+    pub generation: u64,
 }
 
 /// Two goroutines inside writes to the same map at once: the one already
@@ -178,6 +214,8 @@ mod user {
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for Writer {}
+    unsafe impl aya::Pod for WriteKey {}
+    unsafe impl aya::Pod for MapOwner {}
     unsafe impl aya::Pod for OverlapKey {}
     unsafe impl aya::Pod for OverlapVal {}
     unsafe impl aya::Pod for Fatal {}

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
     COOKIE_RET, Control, Counters, CrashStack, FATAL_MSG, Fatal, Inflight, MAX_CRASH, MAX_INFLIGHT,
-    MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, OverlapKey, OverlapVal, SIGURG, SiteKey,
-    SiteStats, Writer, stat,
+    MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner, OverlapKey, OverlapVal, SIGURG,
+    SiteKey, SiteStats, WriteKey, Writer, stat,
 };
 
 /// Host tgid of the target. uprobe_multi links are already PID-scoped; this
@@ -46,12 +46,16 @@ static STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
-/// Per map header: the goroutine that last entered a write to it.
+/// Per map header: the write in progress that entered it first.
 #[map]
-static WRITERS: LruHashMap<u64, Writer> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
+static WRITERS: LruHashMap<u64, MapOwner> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
 
-/// Per goroutine: the map it is writing, so the RET (where the map pointer
-/// is gone from the registers) and the crash probes can find it.
+/// Every map write in progress, by call (goroutine and stack depth).
+#[map]
+static ACTIVE: LruHashMap<WriteKey, Writer> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
+
+/// Per goroutine: the map it is writing, for the crash probes, which fire
+/// deeper in the stack than the write's own frame.
 #[map]
 static WRITING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_WRITERS, 0);
 
@@ -186,6 +190,12 @@ fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
 /// `mapclear` (map header in RBX in every Go version we support) and at
 /// their RETs. Two goroutines inside writes to one map at once is the race
 /// Go's own check catches only sometimes, and only by crashing.
+///
+/// An overlap is recorded only once the first write's own RET is seen after
+/// the second write entered: a write whose end the probes missed (its RET
+/// not yet live as a window opened, a panic out of the hash function) would
+/// otherwise stay "inside" the map, and every later, properly locked write
+/// would seem to overlap it.
 #[uprobe(multi)]
 pub fn map_write(ctx: ProbeContext) -> u32 {
     if !is_target() {
@@ -196,7 +206,7 @@ pub fn map_write(ctx: ProbeContext) -> u32 {
     let g = regs.r14;
     if cookie & COOKIE_RET != 0 {
         bump(stat::MAP_RET_HITS);
-        map_write_ended(g);
+        map_write_ended(g, regs.rsp);
     } else {
         bump(stat::MAP_HITS);
         map_write_started(&ctx, cookie as u32, regs.rbx, regs.rsp, g);
@@ -204,67 +214,115 @@ pub fn map_write(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `g.stack.hi` (the second word of `g`) minus the stack pointer: where a
+/// frame sits, unchanged when Go copies the stack to grow it.
+#[inline(always)]
+fn depth(g: u64, sp: u64) -> u64 {
+    match unsafe { bpf_probe_read_user((g + 8) as *const u64) } {
+        Ok(hi) if hi > sp => hi - sp,
+        _ => sp,
+    }
+}
+
+#[inline(always)]
+fn generation() -> u64 {
+    CONTROL.get(0).map_or(0, |c| c.generation)
+}
+
 #[inline(always)]
 fn map_write_started(ctx: &ProbeContext, probe: u32, map: u64, sp: u64, g: u64) {
-    let generation = CONTROL.get(0).map_or(0, |c| c.generation);
+    let generation = generation();
     let now = unsafe { bpf_ktime_get_ns() };
-    let me = Writer {
-        g,
-        goid: goid_of(g),
-        caller: unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0),
-        start_ns: now,
-        generation,
-        stack_id: user_stack(ctx),
-        probe,
-    };
-    if let Some(other) = unsafe { WRITERS.get(&map) } {
-        if other.generation == generation && other.g != g {
-            overlap(map, other, &me, now);
+    let key = WriteKey { g, depth: depth(g, sp) };
+    let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    let stack_id = user_stack(ctx);
+    let goid = goid_of(g);
+    // Another goroutine's write to this map still in progress?
+    let mut taken = false;
+    if let Some(owner) = unsafe { WRITERS.get(&map) }.copied() {
+        if owner.generation == generation && owner.key.g != g {
+            if let Some(first) = ACTIVE.get_ptr_mut(&owner.key) {
+                let first = unsafe { &mut *first };
+                if first.map == map && first.generation == generation {
+                    taken = true;
+                    bump(stat::OVERLAP_CANDIDATES);
+                    if first.overlaps == 0 {
+                        first.second_ns = now;
+                        first.second_goid = goid;
+                        first.second_caller = caller;
+                        first.second_stack = stack_id;
+                        first.second_probe = probe;
+                    }
+                    first.overlaps += 1;
+                }
+            }
         }
     }
-    if WRITERS.insert(&map, &me, 0).is_err() || WRITING.insert(&g, &map, 0).is_err() {
+    let me = Writer {
+        map,
+        goid,
+        caller,
+        start_ns: now,
+        generation,
+        stack_id,
+        probe,
+        ..Writer::default()
+    };
+    let owner = MapOwner { key, generation };
+    let owned = taken || WRITERS.insert(&map, &owner, 0).is_ok();
+    if !owned || ACTIVE.insert(&key, &me, 0).is_err() || WRITING.insert(&g, &map, 0).is_err() {
         bump(stat::WRITERS_FULL);
     }
 }
 
 #[inline(always)]
-fn overlap(map: u64, first: &Writer, second: &Writer, now: u64) {
+fn map_write_ended(g: u64, sp: u64) {
+    let key = WriteKey { g, depth: depth(g, sp) };
+    let Some(w) = (unsafe { ACTIVE.get(&key) }).copied() else {
+        bump(stat::MAP_RET_UNMATCHED);
+        return;
+    };
+    let _ = ACTIVE.remove(&key);
+    if unsafe { WRITING.get(&g) }.is_some_and(|m| *m == w.map) {
+        let _ = WRITING.remove(&g);
+    }
+    if unsafe { WRITERS.get(&w.map) }.is_some_and(|o| o.key == key) {
+        let _ = WRITERS.remove(&w.map);
+    }
+    // The same call returning: same return address, same window.
+    let ret = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    if w.overlaps > 0 && ret == w.caller && w.generation == generation() {
+        overlap(&w, unsafe { bpf_ktime_get_ns() });
+    }
+}
+
+#[inline(always)]
+fn overlap(first: &Writer, now: u64) {
     let key = OverlapKey {
-        map,
+        map: first.map,
         first_caller: first.caller,
-        second_caller: second.caller,
+        second_caller: first.second_caller,
         first_stack: first.stack_id,
-        second_stack: second.stack_id,
+        second_stack: first.second_stack,
     };
     if let Some(v) = OVERLAPS.get_ptr_mut(&key) {
         unsafe {
-            (*v).count += 1;
+            (*v).count += first.overlaps;
             (*v).last_ns = now;
         }
         return;
     }
     let v = OverlapVal {
-        count: 1,
-        first_ns: now,
+        count: first.overlaps,
+        first_ns: first.second_ns,
         last_ns: now,
         first_goid: first.goid,
-        second_goid: second.goid,
+        second_goid: first.second_goid,
         first_probe: first.probe,
-        second_probe: second.probe,
+        second_probe: first.second_probe,
     };
     if OVERLAPS.insert(&key, &v, 0).is_err() {
         bump(stat::OVERLAP_FULL);
-    }
-}
-
-#[inline(always)]
-fn map_write_ended(g: u64) {
-    let Some(map) = (unsafe { WRITING.get(&g) }).copied() else {
-        return;
-    };
-    let _ = WRITING.remove(&g);
-    if unsafe { WRITERS.get(&map) }.is_some_and(|w| w.g == g) {
-        let _ = WRITERS.remove(&map);
     }
 }
 

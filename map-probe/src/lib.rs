@@ -17,3 +17,4 @@ pub mod risks;
 pub mod session;
 pub mod symbolize;
 pub mod target;
+pub mod text;

@@ -226,6 +226,19 @@ fn fatal(cx: &mut Ctx, overlaps: &[Risk], clock: Clock) -> Result<Option<Risk>> 
         writers.push(writer(goid, state, stack));
     }
     if let Some(m) = map {
+        // Writes to the dying map still in progress (their end will never
+        // come), and the goroutines that entered it meanwhile.
+        for w in cx.probes.unfinished_writes()?.iter().filter(|w| w.map == m) {
+            if fatals.iter().any(|(_, f)| f.goid == w.goid) {
+                continue;
+            }
+            let stack = cx.stack_at_probe(w.stack_id, w.caller);
+            writers.push(writer(w.goid, "in-map-write", stack));
+            if w.overlaps > 0 && !fatals.iter().any(|(_, f)| f.goid == w.second_goid) {
+                let stack = cx.stack_at_probe(w.second_stack, w.second_caller);
+                writers.push(writer(w.second_goid, "in-map-write", stack));
+            }
+        }
         let tag = format!("{m:#x}");
         for r in overlaps.iter().filter(|r| r.map.as_deref() == Some(&tag)) {
             for w in &r.writers {
