@@ -29,11 +29,14 @@ pub struct Drops {
     pub inflight_full: u64,
     /// Wait ends seen without a start (a window opened mid-wait); harmless.
     pub ret_unmatched: u64,
+    /// Waits whose stack never left the lock machinery (the frame-pointer
+    /// walk stopped early), so no call site could be named.
+    pub stack_incomplete: u64,
 }
 
 impl Drops {
     pub fn any(&self) -> bool {
-        self.stack_lost + self.site_map_full + self.inflight_full > 0
+        self.stack_lost + self.site_map_full + self.inflight_full + self.stack_incomplete > 0
     }
 }
 
@@ -53,6 +56,7 @@ pub fn totals(s: &[u64]) -> Totals {
             site_map_full: s[stat::AGG_FULL as usize],
             inflight_full: s[stat::INFLIGHT_FULL as usize],
             ret_unmatched: s[stat::RET_UNMATCHED as usize],
+            stack_incomplete: 0,
         },
     }
 }

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
-    /// Share of one CPU the probes may cost the target (0.005 = 0.5%); 0 turns
-    /// the governor off and keeps the probes attached.
-    pub budget: f64,
+    /// Share of one CPU the probes may cost the target (0.005 = 0.5%); None
+    /// (`--budget unlimited`) turns the governor off and keeps the probes
+    /// attached.
+    pub budget: Option<f64>,
     /// Estimated cost of one uprobe hit to the target.
     pub hit_cost: Duration,
     /// How long one window stays open at most.
@@ -83,26 +84,26 @@ impl Governor {
         let open = now.saturating_duration_since(start);
         let in_window = hits.saturating_sub(self.window_hits0);
         let spent = self.cfg.hit_cost.mul_f64(in_window as f64);
-        let governed = self.cfg.budget > 0.0;
-        if open < self.window_len && !(governed && spent > self.cfg.max_window_cost) {
+        let budget = self.cfg.budget;
+        if open < self.window_len && !(budget.is_some() && spent > self.cfg.max_window_cost) {
             return Decision::Stay;
         }
         let rate = in_window as f64 / open.as_secs_f64().max(1e-3);
         self.last_rate = rate;
         let cost = rate * self.cfg.hit_cost.as_secs_f64();
-        if !governed || cost <= self.cfg.budget {
+        let Some(budget) = budget.filter(|&b| cost > b) else {
             // Affordable: keep the probes in and judge the next stretch afresh.
             self.attached += open;
             self.window_start = Some(now);
             self.window_hits0 = hits;
             self.window_len = self.cfg.window;
             return Decision::Stay;
-        }
+        };
         // Next window: short enough to cost at most max_window_cost...
         let affordable = self.cfg.max_window_cost.as_secs_f64() / cost;
         self.window_len = Duration::from_secs_f64(affordable).clamp(MIN_WINDOW, self.cfg.window);
         // ...and far enough away that on average the budget holds.
-        let duty = self.cfg.budget / cost;
+        let duty = budget / cost;
         let gap = open.mul_f64(1.0 / duty - 1.0).min(self.cfg.max_gap);
         self.next_attach = now + gap;
         Decision::Detach
@@ -125,12 +126,12 @@ impl Governor {
             self.attached += start.saturating_duration_since(ws);
             // The detach itself took time the target spent unprobed anyway.
             self.next_attach = self.next_attach.max(end);
-            if self.cfg.budget > 0.0 {
+            if let Some(budget) = self.cfg.budget {
                 let spent = self
                     .cfg
                     .hit_cost
                     .mul_f64(hits.saturating_sub(self.window_hits0) as f64);
-                let payback = spent.div_f64(self.cfg.budget).min(self.cfg.max_gap);
+                let payback = spent.div_f64(budget).min(self.cfg.max_gap);
                 self.next_attach = self.next_attach.max(ws + payback);
             }
         }
@@ -146,7 +147,7 @@ impl Governor {
     /// Elapsed over attached: what raw counts are multiplied by.
     pub fn scale(&self, elapsed: Duration, now: Instant) -> f64 {
         let attached = self.attached_time(now).min(elapsed);
-        if self.cfg.budget <= 0.0 || attached.is_zero() {
+        if self.cfg.budget.is_none() || attached.is_zero() {
             1.0
         } else {
             (elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
@@ -160,7 +161,7 @@ mod tests {
 
     fn cfg(budget: f64) -> Config {
         Config {
-            budget,
+            budget: Some(budget).filter(|&b| b > 0.0),
             hit_cost: Duration::from_micros(10),
             window: Duration::from_millis(500),
             max_gap: Duration::from_secs(30),
@@ -236,7 +237,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_budget_means_always_attached() {
+    fn unlimited_budget_means_always_attached() {
         let t0 = Instant::now();
         let mut g = Governor::new(cfg(0.0), t0);
         g.attached_at(t0, t0, 0);

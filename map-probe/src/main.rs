@@ -11,7 +11,7 @@ use map_probe::{
     doctor::{self, Host},
     governor, launch,
     probes::Probes,
-    report::RiskKind,
+    report::{format::secs, RiskKind},
     session::{self, End, Outputs, Plans},
     target::{self, Target},
 };
@@ -20,7 +20,8 @@ use map_probe::{
 #[command(
     name = "map-probe",
     version,
-    about = "Rank a running Go service's lock contention by call site, with no restart and no code change."
+    about = "Find what a running Go service waits on and what kills it: lock contention ranked by call site, and concurrent writes to plain maps (`fatal error: concurrent map writes`) flagged with both writers' stacks. Attaches by PID, with no restart and no code change.",
+    long_about = None
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,11 +30,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Attach to a running Go process by PID.
+    /// Attach to a running Go process, by PID or by executable name.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["pid", "exe"]))]
     Attach {
         /// The Go process to observe.
         #[arg(long)]
-        pid: u32,
+        pid: Option<u32>,
+        /// The Go process whose executable has this base name (refused when
+        /// several match, unless --newest).
+        #[arg(long, value_name = "NAME")]
+        exe: Option<String>,
+        /// With --exe: take the most recently started of several matches.
+        #[arg(long, requires = "exe")]
+        newest: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -52,7 +61,7 @@ enum Cmd {
 #[derive(Args)]
 struct Common {
     /// Stop after this many seconds (default: until Ctrl-C, SIGTERM or the target exits).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, allow_negative_numbers = true, value_name = "SECS")]
     duration: Option<f64>,
     /// Write a contention flamegraph (SVG).
     #[arg(long, value_name = "FILE.svg")]
@@ -60,31 +69,42 @@ struct Common {
     /// Write folded stacks (`frame;frame count`), for other flamegraph tools.
     #[arg(long, value_name = "FILE")]
     folded: Option<PathBuf>,
-    /// Write the full report as JSON.
+    /// Write the full report as JSON (`-`: to stdout, and the table to stderr).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
     /// Rows in the terminal table.
     #[arg(long, default_value_t = 20)]
     top: usize,
-    /// Most of one CPU the probes may cost the target, in percent, split
-    /// evenly between lock-wait and map-write probes. The governor opens
-    /// probe windows only as often as this allows (hits x --hit-cost-us) and
-    /// scales counts by elapsed/attached time. 0 keeps the probes attached
-    /// all the time.
-    #[arg(long, value_name = "PCT", default_value_t = 0.5)]
-    budget: f64,
-    /// Longest lock-wait probe window in milliseconds; a window also closes
-    /// once it has cost the target 50 ms.
+    /// Most of one CPU the probes may cost the target, in percent (0 < PCT
+    /// <= 100), split evenly between lock-wait and map-write probes. The
+    /// governor opens probe windows only as often as this allows (hits x
+    /// --hit-cost-us) and scales counts by elapsed/attached time.
+    /// `unlimited` keeps every probe attached all the time: exact counts, at
+    /// a cost to the target that only its call rates bound.
+    #[arg(long, value_name = "PCT|unlimited", default_value = "0.5", value_parser = parse_budget, allow_negative_numbers = true)]
+    budget: Budget,
+    /// Longest lock-wait probe window in milliseconds (>= 50); a window also
+    /// closes once it has cost the target 50 ms.
     #[arg(long, value_name = "MS", default_value_t = 500)]
     window_ms: u64,
-    /// Longest pause between two windows, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    /// Longest pause between two windows, in seconds (>= 0.1).
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "SECS",
+        default_value_t = 20.0
+    )]
     max_gap: f64,
-    /// Estimated cost of one uprobe hit to the target, in microseconds. A trap
-    /// took about 10 on the VMs we measured (under 1 on bare metal); the
-    /// default doubles it because a trap on a lock or map path also delays
-    /// the goroutines queued behind it.
-    #[arg(long, value_name = "US", default_value_t = 20.0)]
+    /// Estimated cost of one uprobe hit to the target, in microseconds (> 0).
+    /// A trap took about 10 on the VMs we measured (under 1 on bare metal);
+    /// the default doubles it because a trap on a lock or map path also
+    /// delays the goroutines queued behind it.
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "US",
+        default_value_t = 20.0
+    )]
     hit_cost_us: f64,
     /// Count lock waits without timing them: no probes on the RET
     /// instructions, so half the traps and none while a woken goroutine
@@ -95,50 +115,112 @@ struct Common {
     /// and the fatal-crash capture stay on).
     #[arg(long)]
     no_map_writes: bool,
-    /// Longest map-write probe window in milliseconds. Map writes are hot,
-    /// so a map window also closes once it has cost the target 2 ms.
+    /// Longest map-write probe window in milliseconds (>= 20). Map writes
+    /// are hot, so a map window also closes once it has cost the target 2 ms.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     map_window_ms: u64,
+    /// Probe a process another map-probe is already probing (each spends
+    /// its own budget).
+    #[arg(long)]
+    allow_second: bool,
+}
+
+/// `--budget`: a share of one CPU, or no bound at all.
+#[derive(Clone, Copy, Debug)]
+enum Budget {
+    Percent(f64),
+    Unlimited,
+}
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    if s == "unlimited" {
+        return Ok(Budget::Unlimited);
+    }
+    let pct: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is neither a percentage of one CPU nor `unlimited`"))?;
+    if pct == 0.0 {
+        return Err(
+            "0 would never let a probe in; `--budget unlimited` keeps them attached all the time"
+                .into(),
+        );
+    }
+    if !(pct > 0.0 && pct <= 100.0) {
+        return Err(format!(
+            "{s} is not a percentage of one CPU between 0 (exclusive) and 100"
+        ));
+    }
+    Ok(Budget::Percent(pct))
 }
 
 impl Common {
     fn options(&self) -> Result<session::Options> {
-        if self.budget < 0.0 || self.budget > 100.0 {
-            bail!("--budget is a percentage of one CPU between 0 and 100");
-        }
         if let Some(d) = self.duration {
             if d <= 0.0 || !d.is_finite() {
                 bail!("--duration must be a positive number of seconds");
             }
         }
+        if !(self.hit_cost_us.is_finite() && self.hit_cost_us > 0.0) {
+            bail!(
+                "--hit-cost-us must be a positive number of microseconds (got {}): it is what the governor budgets with",
+                self.hit_cost_us
+            );
+        }
+        if self.window_ms < MIN_LOCK_WINDOW_MS {
+            bail!("--window-ms must be at least {MIN_LOCK_WINDOW_MS} (shorter windows are mostly attach and detach time)");
+        }
+        if self.map_window_ms < MIN_MAP_WINDOW_MS {
+            bail!("--map-window-ms must be at least {MIN_MAP_WINDOW_MS} (shorter windows are mostly attach and detach time)");
+        }
+        if !(self.max_gap.is_finite() && self.max_gap >= 0.1) {
+            bail!(
+                "--max-gap must be at least 0.1 seconds (got {})",
+                self.max_gap
+            );
+        }
+        let (total, unlimited) = match self.budget {
+            Budget::Percent(p) => (p / 100.0, false),
+            Budget::Unlimited => {
+                eprintln!(
+                    "map-probe: warning: --budget unlimited keeps every probe attached; a hot lock or map path can slow the target many times over (see the README's Overhead)"
+                );
+                (0.0, true)
+            }
+        };
         // Lock waits and map writes share the budget half and half.
         let share = if self.no_map_writes { 1.0 } else { 0.5 };
         let locks = governor::Config {
-            budget: self.budget / 100.0 * share,
-            hit_cost: Duration::from_secs_f64(self.hit_cost_us.max(0.0) / 1e6),
-            window: Duration::from_millis(self.window_ms.max(50)),
-            max_gap: Duration::from_secs_f64(self.max_gap.max(0.1)),
+            budget: (!unlimited).then_some(total * share),
+            hit_cost: Duration::from_secs_f64(self.hit_cost_us / 1e6),
+            window: Duration::from_millis(self.window_ms),
+            max_gap: Duration::from_secs_f64(self.max_gap),
             max_window_cost: LOCK_WINDOW_COST,
         };
         let maps = governor::Config {
-            window: Duration::from_millis(self.map_window_ms.max(20)),
+            window: Duration::from_millis(self.map_window_ms),
             max_window_cost: MAP_WINDOW_COST,
             ..locks
         };
+        let outputs = Outputs {
+            json: self.json.clone(),
+            flamegraph: self.flamegraph.clone(),
+            folded: self.folded.clone(),
+            top: self.top,
+        };
+        outputs.check()?;
         Ok(session::Options {
             duration: self.duration.map(Duration::from_secs_f64),
+            budget_total: (!unlimited).then_some(total),
             wait_time: !self.no_wait_time,
             locks,
             maps: (!self.no_map_writes).then_some(maps),
-            outputs: Outputs {
-                json: self.json.clone(),
-                flamegraph: self.flamegraph.clone(),
-                folded: self.folded.clone(),
-                top: self.top,
-            },
+            outputs,
         })
     }
 }
+
+const MIN_LOCK_WINDOW_MS: u64 = 50;
+const MIN_MAP_WINDOW_MS: u64 = 20;
 
 /// The most one probe window may cost the target before the governor closes
 /// it early. A lock-wait trap delays a goroutine that is about to park
@@ -154,7 +236,19 @@ const EXIT_TARGET_GONE: u8 = 3;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line, like every other error: clap's first, without its
+            // usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("map-probe: error: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -171,7 +265,19 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         } else {
             ExitCode::FAILURE
         }),
-        Cmd::Attach { pid, common } => attach(pid, &common),
+        Cmd::Attach {
+            pid,
+            exe,
+            newest,
+            common,
+        } => {
+            let pid = match (pid, exe) {
+                (Some(pid), _) => pid,
+                (None, Some(name)) => target::pid_by_name(&name, newest)?,
+                (None, None) => bail!("say which process: --pid PID or --exe NAME"),
+            };
+            attach(pid, &common)
+        }
         Cmd::Run { common, cmd } => run(&cmd, &common),
     }
 }
@@ -180,6 +286,7 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
     Host::probe().require()?;
     let target = Target::from_pid(pid)?;
+    let _claim = target.claim(common.allow_second)?;
     let (plans, probes) = prepare(&target, &opts)?;
     let out = session::observe(&target, &plans, probes, &opts, None)?;
     session::write_outputs(&out.report, &opts.outputs)?;
@@ -257,6 +364,8 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
         if opts.maps.is_some() {
             probes.attach(Purpose::MapWrite)?;
         }
+        child.run_to_exec(&exe)?;
+        target.settle_after_exec()?;
         anyhow::Ok((plans, probes))
     })();
     let (plans, probes) = match prepared {
@@ -267,21 +376,24 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
             return Err(e);
         }
     };
-    child.resume();
-    target.settle_after_exec()?;
+    child.release();
     let out = session::observe(&target, &plans, probes, &opts, Some(&mut child))?;
-    session::write_outputs(&out.report, &opts.outputs)?;
+    let written = session::write_outputs(&out.report, &opts.outputs);
     let code = match out.end {
         End::TargetExited => child.try_wait().unwrap_or(0),
-        End::Interrupted => {
-            child.kill(libc::SIGTERM);
-            child.wait()
+        End::Interrupted(sig) => {
+            child.kill(sig);
+            child.wait_forwarding()
         }
         End::Duration => {
-            eprintln!("map-probe: observation over; waiting for PID {pid} to exit");
-            child.wait()
+            eprintln!(
+                "map-probe: observation over after {}; probes detached, waiting for PID {pid} to exit (SIGINT or SIGTERM to map-probe is passed on)",
+                secs(out.report.sampling.elapsed_secs)
+            );
+            child.wait_forwarding()
         }
     };
+    written?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 

@@ -4,12 +4,13 @@
 //! then turn what the kernel aggregated into every requested output.
 
 use std::{
+    fs,
     io::{IsTerminal, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use map_probe_common::stat;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -34,6 +35,9 @@ pub struct Outputs {
 
 pub struct Options {
     pub duration: Option<Duration>,
+    /// `--budget` as a share of one CPU (lock and map probes split it);
+    /// None for `unlimited`.
+    pub budget_total: Option<f64>,
     /// Probe the RETs of the lock-wait functions too, to time each wait.
     pub wait_time: bool,
     pub locks: governor::Config,
@@ -45,7 +49,8 @@ pub struct Options {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
     Duration,
-    Interrupted,
+    /// By SIGINT or SIGTERM (the signal, for `run` to pass on).
+    Interrupted(i32),
     TargetExited,
 }
 
@@ -53,7 +58,7 @@ impl End {
     fn as_str(self) -> &'static str {
         match self {
             End::Duration => "duration",
-            End::Interrupted => "interrupted",
+            End::Interrupted(_) => "interrupted",
             End::TargetExited => "target-exited",
         }
     }
@@ -156,7 +161,8 @@ pub fn observe(
             s.gov.attached_at(start, start, 0);
         }
     }
-    let tty = std::io::stdout().is_terminal();
+    let ui = opts.outputs.ui();
+    let tty = ui.is_terminal();
     // Windows must close on time even when the target saturates every CPU:
     // a late tick is paid for by the target, in traps.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
@@ -167,8 +173,8 @@ pub fn observe(
         let mut last_status = start;
         let end = loop {
             tokio::select! {
-                _ = int.recv() => break End::Interrupted,
-                _ = term.recv() => break End::Interrupted,
+                _ = int.recv() => break End::Interrupted(libc::SIGINT),
+                _ = term.recv() => break End::Interrupted(libc::SIGTERM),
                 _ = tokio::time::sleep(next_tick) => {}
             }
             let now = Instant::now();
@@ -208,7 +214,15 @@ pub fn observe(
             };
             if tty && now.duration_since(last_status) >= Duration::from_millis(250) {
                 last_status = now;
-                status_line(&probes, &sets[0].gov, start, now, opts.duration, &stats);
+                status_line(
+                    &probes,
+                    &sets[0].gov,
+                    start,
+                    now,
+                    opts.duration,
+                    &stats,
+                    &ui,
+                );
             }
         };
         anyhow::Ok(end)
@@ -218,10 +232,10 @@ pub fn observe(
     }
     probes.flush_logs();
     if tty {
-        print!("\r\x1b[K");
+        let _ = write!(ui.lock(), "\r\x1b[K");
     }
     let elapsed = start.elapsed();
-    let report = build_report(target, plans, &probes, &sets, elapsed, end, clock)?;
+    let report = build_report(target, plans, &probes, &sets, opts, elapsed, end, clock)?;
     Ok(Outcome { end, report })
 }
 
@@ -232,6 +246,7 @@ fn status_line(
     now: Instant,
     total: Option<Duration>,
     stats: &[u64],
+    ui: &Ui,
 ) {
     let elapsed = now.duration_since(start);
     let sites = probes.site_count();
@@ -239,19 +254,23 @@ fn status_line(
     let events = stats[stat::HITS as usize];
     let of = total.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64()));
     let attached = gov.attached_time(now).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
-    print!(
+    let mut out = ui.lock();
+    let _ = write!(
+        out,
         "\r\x1b[Kmap-probe: {sites} sites, {events} events, {drops} drops, {:.1}s{of}, lock probes attached {:.0}%",
         elapsed.as_secs_f64(),
         attached * 100.0
     );
-    let _ = std::io::stdout().flush();
+    let _ = out.flush();
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_report(
     target: &Target,
     plans: &Plans,
     probes: &Probes,
     sets: &[Governed],
+    opts: &Options,
     elapsed: Duration,
     end: End,
     clock: Clock,
@@ -263,7 +282,8 @@ fn build_report(
     let locks = &sets[0].gov;
     let scale = locks.scale(elapsed, now);
     let mut sym = Symbolizer::new(&target.bin, target.bias);
-    let (sites, stacks) = report::build_sites(&raw, &plans.locks.points, &mut sym, scale);
+    let (sites, stacks, incomplete) =
+        report::build_sites(&raw, &plans.locks.points, &mut sym, scale);
     let risks = risks::collect(probes, plans.maps.as_ref(), &mut sym, clock)?;
     let cfg = locks.config();
     let map_writes = sets
@@ -274,10 +294,14 @@ fn build_report(
             windows: s.gov.windows,
             raw_hits: stats[stat::MAP_HITS as usize],
             raw_ret_hits: stats[stat::MAP_RET_HITS as usize],
-            budget_cpu_percent: s.gov.config().budget * 100.0,
+            budget_cpu_percent: s.gov.config().budget.map(|b| b * 100.0),
             window_ms: s.gov.config().window.as_millis() as u64,
             last_rate_per_sec: s.gov.last_rate,
+            unmatched_rets: stats[stat::MAP_RET_UNMATCHED as usize],
+            overlap_candidates: stats[stat::OVERLAP_CANDIDATES as usize],
         });
+    let mut drops = totals.drops;
+    drops.stack_incomplete = incomplete;
     Ok(Report {
         target: TargetInfo {
             pid: target.pid,
@@ -287,24 +311,27 @@ fn build_report(
             pie: target.bin.is_pie(),
         },
         sampling: Sampling {
+            requested_secs: opts.duration.map(|d| d.as_secs_f64()),
             elapsed_secs: elapsed.as_secs_f64(),
             attached_secs: locks.attached_time(now).min(elapsed).as_secs_f64(),
             windows: locks.windows,
             raw_hits: totals.hits,
             raw_ret_hits: totals.ret_hits,
             scale,
-            method: if cfg.budget > 0.0 {
+            method: if cfg.budget.is_some() {
                 "windows: probes attached while their estimated cost fits the budget; counts scaled by elapsed/attached".into()
             } else {
-                "continuous: probes attached for the whole run; counts are raw".into()
+                "continuous: probes attached for the whole run (--budget unlimited); counts are raw"
+                    .into()
             },
-            budget_cpu_percent: cfg.budget * 100.0,
+            budget_cpu_percent: opts.budget_total.map(|b| b * 100.0),
+            lock_budget_cpu_percent: cfg.budget.map(|b| b * 100.0),
             hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
             window_ms: cfg.window.as_millis() as u64,
             map_writes,
         },
         probes: report::probe_hits(&raw, &plans.locks.points),
-        drops: totals.drops,
+        drops,
         end: end.as_str().into(),
         sites,
         risks,
@@ -312,24 +339,147 @@ fn build_report(
     })
 }
 
-/// Writes every requested output; the terminal table always.
+/// Where the table and the live status go: stdout, or stderr when the JSON
+/// report is written to stdout.
+pub enum Ui {
+    Stdout,
+    Stderr,
+}
+
+impl Ui {
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            Ui::Stdout => std::io::stdout().is_terminal(),
+            Ui::Stderr => std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn lock(&self) -> Box<dyn Write + '_> {
+        match self {
+            Ui::Stdout => Box::new(std::io::stdout().lock()),
+            Ui::Stderr => Box::new(std::io::stderr().lock()),
+        }
+    }
+}
+
+fn is_stdout(p: &Path) -> bool {
+    p == Path::new("-")
+}
+
+impl Outputs {
+    pub fn ui(&self) -> Ui {
+        if self.json.as_deref().is_some_and(is_stdout) {
+            Ui::Stderr
+        } else {
+            Ui::Stdout
+        }
+    }
+
+    fn files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        [
+            ("--json", self.json.as_deref()),
+            ("--folded", self.folded.as_deref()),
+            ("--flamegraph", self.flamegraph.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, p)| Some((flag, p?)))
+        .filter(|(_, p)| !is_stdout(p))
+    }
+
+    /// Fails at once, before anything is attached, on an output that could
+    /// not be written at the end.
+    pub fn check(&self) -> Result<()> {
+        for (flag, p) in [
+            ("--folded", &self.folded),
+            ("--flamegraph", &self.flamegraph),
+        ] {
+            if p.as_deref().is_some_and(is_stdout) {
+                bail!("{flag} - is not supported: only --json writes to stdout");
+            }
+        }
+        for (flag, p) in self.files() {
+            if p.is_dir() {
+                bail!("{flag} {}: is a folder; give a file name", p.display());
+            }
+            let dir = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if !dir.is_dir() {
+                bail!(
+                    "{flag} {}: the folder {} does not exist",
+                    p.display(),
+                    dir.display()
+                );
+            }
+            let probe = dir.join(format!(".map-probe-check-{}", std::process::id()));
+            match fs::File::create(&probe) {
+                Ok(_) => {
+                    let _ = fs::remove_file(&probe);
+                }
+                Err(e) => bail!(
+                    "{flag} {}: cannot write in {}: {e}",
+                    p.display(),
+                    dir.display()
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file
+/// beside it, then renamed over it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.map-probe-{}", std::process::id()));
+    let res = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, path));
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes every requested output, and the terminal table always. One that
+/// fails does not stop the others; each failure is one line on stderr.
 pub fn write_outputs(report: &Report, outputs: &Outputs) -> Result<()> {
-    report::terminal::print(report, outputs.top, &mut std::io::stdout().lock())?;
+    let ui = outputs.ui();
+    report::terminal::print(report, outputs.top, &mut ui.lock())?;
     let mut wrote = Vec::new();
+    let mut failed = Vec::new();
+    let mut emit = |p: &Path, bytes: Result<Vec<u8>>| {
+        let res = bytes.and_then(|b| {
+            if is_stdout(p) {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&b).and_then(|()| out.flush())?;
+                Ok(())
+            } else {
+                write_atomic(p, &b)
+            }
+        });
+        match res {
+            Ok(()) if !is_stdout(p) => wrote.push(p.display().to_string()),
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("map-probe: error: {e:#}");
+                failed.push(p.display().to_string());
+            }
+        }
+    };
     if let Some(p) = &outputs.json {
-        report::json::write(report, p)?;
-        wrote.push(p.display().to_string());
+        emit(p, report::json::render(report));
     }
     if let Some(p) = &outputs.folded {
-        report::flamegraph::write_folded(report, p)?;
-        wrote.push(p.display().to_string());
+        emit(p, Ok(report::flamegraph::render_folded(report)));
     }
     if let Some(p) = &outputs.flamegraph {
-        report::flamegraph::write_svg(report, p)?;
-        wrote.push(p.display().to_string());
+        emit(p, report::flamegraph::render_svg(report));
     }
     if !wrote.is_empty() {
-        println!("wrote {}", wrote.join(", "));
+        let _ = writeln!(ui.lock(), "wrote {}", wrote.join(", "));
+    }
+    if !failed.is_empty() {
+        bail!("could not write {}", failed.join(", "));
     }
     Ok(())
 }

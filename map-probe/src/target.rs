@@ -34,23 +34,51 @@ impl Target {
         if pid == 0 || !proc_dir.exists() {
             bail!("no process with PID {pid}: check the PID with `ps -p {pid}`");
         }
+        let status = Status::read(pid)
+            .ok_or_else(|| anyhow!("no process with PID {pid}: it exited just now"))?;
+        if status.tgid != pid {
+            bail!(
+                "PID {pid} is a thread of process {} ({}): attach with --pid {}",
+                status.tgid,
+                status.name,
+                status.tgid
+            );
+        }
+        match status.state {
+            'Z' | 'X' => bail!(
+                "PID {pid} ({}) has exited (a zombie its parent has not reaped yet)",
+                status.name
+            ),
+            _ if status.kernel_thread => bail!(
+                "PID {pid} ({}) is a kernel thread: point map-probe at a Go program",
+                status.name
+            ),
+            _ => {}
+        }
         let exe_link = proc_dir.join("exe");
         let exe = match fs::read_link(&exe_link) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                if is_root() {
+                    bail!(
+                        "the kernel refuses root access to {} ({}): the process is in another \
+                         user namespace or protected by a security module (Yama, SELinux, \
+                         AppArmor); run map-probe where it can inspect the process",
+                        exe_link.display(),
+                        status.name
+                    )
+                }
                 bail!(
                     "cannot read {}: permission denied (run map-probe as root)",
                     exe_link.display()
                 )
             }
-            Err(_) => bail!(
-                "PID {pid} has no executable (a kernel thread?); point map-probe at a Go program"
-            ),
+            Err(_) if !proc_dir.exists() => bail!("PID {pid} has exited"),
+            Err(e) => bail!("cannot read {}: {e}", exe_link.display()),
         };
         let bin = open_go(&exe_link, &exe)?;
         let bias = load_bias(pid, &bin)?;
-        let start_time = start_time(pid)
-            .ok_or_else(|| anyhow!("PID {pid} exited while map-probe was starting"))?;
+        let start_time = start_time(pid).ok_or_else(|| anyhow!("PID {pid} has exited"))?;
         Ok(Target {
             pid,
             exe,
@@ -74,19 +102,22 @@ impl Target {
         }
     }
 
-    /// After the exec of a spawned target: learn where its binary landed.
+    /// After the exec of a spawned target (stopped at its first
+    /// instruction): learn where its binary landed.
     pub fn settle_after_exec(&mut self) -> Result<()> {
-        let want = fs::metadata(&self.open_path)?.ino();
-        let exe_link = format!("/proc/{}/exe", self.pid);
-        for _ in 0..500 {
-            if fs::metadata(&exe_link).is_ok_and(|m| m.ino() == want) {
-                self.bias = load_bias(self.pid, &self.bin)?;
-                self.start_time = start_time(self.pid).unwrap_or(0);
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        self.bias = load_bias(self.pid, &self.bin)?;
+        self.start_time = start_time(self.pid).unwrap_or(0);
+        Ok(())
+    }
+
+    /// Takes the one observation slot for this process: a second map-probe
+    /// would spend the target's budget twice. Released when the claim drops
+    /// (or map-probe dies: the kernel lets go of the lock).
+    pub fn claim(&self, allow_second: bool) -> Result<Option<Claim>> {
+        if allow_second {
+            return Ok(None);
         }
-        bail!("{} did not start (exec failed?)", self.exe.display())
+        Claim::take(self.pid).map(Some)
     }
 
     /// Still the same process (not exited, not a zombie, PID not reused)?
@@ -105,6 +136,142 @@ impl Target {
 
     pub fn go_version(&self) -> &str {
         &self.bin.go_version().raw
+    }
+}
+
+/// What `/proc/PID/status` and `stat` say about a process or thread.
+struct Status {
+    name: String,
+    tgid: u32,
+    state: char,
+    kernel_thread: bool,
+}
+
+impl Status {
+    fn read(pid: u32) -> Option<Status> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        // Field 9 of stat (the 7th after the name and state): the task flags.
+        let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+        const PF_KTHREAD: u64 = 0x0020_0000;
+        Some(Status {
+            name: field("Name:")?,
+            tgid: field("Tgid:")?.parse().ok()?,
+            state: rest.chars().next()?,
+            kernel_thread: flags & PF_KTHREAD != 0,
+        })
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Processes whose executable's base name is `name` (our own excluded),
+/// oldest first.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut found: Vec<(u64, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| {
+                p.file_name().is_some_and(|n| {
+                    // A replaced binary reads "name (deleted)".
+                    let n = n.to_string_lossy();
+                    n == name || n.strip_suffix(" (deleted)") == Some(name)
+                })
+            })
+        })
+        .map(|pid| (start_time(pid).unwrap_or(0), pid))
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, pid)| pid).collect()
+}
+
+/// The one PID `--exe NAME` means: refused when none or several match,
+/// unless `newest` picks the most recently started.
+pub fn pid_by_name(name: &str, newest: bool) -> Result<u32> {
+    let pids = pids_named(name);
+    match pids.as_slice() {
+        [] => {
+            bail!("no running process has an executable named {name}: check with `pgrep -x {name}`")
+        }
+        [pid] => Ok(*pid),
+        [.., last] if newest => Ok(*last),
+        many => bail!(
+            "{name} matches {} processes (PIDs {}): pick one with --pid, or pass --newest",
+            many.len(),
+            many.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// An exclusive lock on `<dir>/<pid>.lock`, holding the owner's PID.
+pub struct Claim {
+    _file: fs::File,
+}
+
+impl Claim {
+    fn dir() -> PathBuf {
+        std::env::var_os("MAP_PROBE_RUN_DIR").map_or_else(
+            || {
+                let run = PathBuf::from("/run/map-probe");
+                if fs::create_dir_all(&run).is_ok() {
+                    run
+                } else {
+                    std::env::temp_dir().join("map-probe")
+                }
+            },
+            PathBuf::from,
+        )
+    }
+
+    fn take(pid: u32) -> Result<Claim> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let dir = Self::dir();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{pid}.lock"));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            let owner = owner.trim();
+            let who = if owner.is_empty() {
+                "another map-probe".to_string()
+            } else {
+                format!("map-probe (PID {owner})")
+            };
+            bail!(
+                "PID {pid} is already being probed by {who}: two would spend its budget twice; \
+                 stop that one or pass --allow-second"
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Claim { _file: file })
     }
 }
 

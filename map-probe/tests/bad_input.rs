@@ -89,7 +89,7 @@ fn target_exits_mid_run() {
         "--duration",
         "30",
         "--budget",
-        "0",
+        "unlimited",
         "--json",
         out_json.to_str().unwrap(),
         "--flamegraph",

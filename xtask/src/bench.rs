@@ -161,9 +161,11 @@ fn parse_opts(args: &[String]) -> Result<Option<Opts>, String> {
             "--phase" => o.phase = num(flag, value()?)?,
             "--budget" => {
                 let v = value()?;
-                let b: f64 = num(flag, v.clone())?;
-                if !(0.0..=100.0).contains(&b) {
-                    return Err("--budget is a percentage between 0 and 100".into());
+                if v != "unlimited" {
+                    let b: f64 = num(flag, v.clone())?;
+                    if !(b > 0.0 && b <= 100.0) {
+                        return Err("--budget is a percentage in (0, 100], or `unlimited`".into());
+                    }
                 }
                 o.budget = v;
             }
@@ -920,12 +922,20 @@ mod tests {
 
     #[test]
     fn options() {
-        let a: Vec<String> = ["--pairs", "3", "--phase=5", "--budget", "0", "--go", "1.19"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let a: Vec<String> = [
+            "--pairs",
+            "3",
+            "--phase=5",
+            "--budget",
+            "unlimited",
+            "--go",
+            "1.19",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let o = parse_opts(&a).unwrap().unwrap();
-        assert_eq!((o.pairs, o.phase, o.budget.as_str()), (3, 5, "0"));
+        assert_eq!((o.pairs, o.phase, o.budget.as_str()), (3, 5, "unlimited"));
         assert_eq!(o.go.as_deref(), Some("1.19"));
         let a: Vec<String> = ["--pairs", "2", "--", "--window-ms", "2000"]
             .iter()

@@ -1,13 +1,11 @@
 //! Contention flamegraphs: one frame per Go function (inlined ones included)
 //! named `function file:line`, width by the number of waits below it.
 
-use std::{fs, io::BufWriter, path::Path};
-
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use inferno::flamegraph::{self, Options};
 
 use super::{
-    terminal::{secs, short_path},
+    format::{secs, short_path},
     Report,
 };
 
@@ -32,13 +30,13 @@ pub fn folded(report: &Report) -> Vec<String> {
         .collect()
 }
 
-pub fn write_folded(report: &Report, path: &Path) -> Result<()> {
+pub fn render_folded(report: &Report) -> Vec<u8> {
     let mut text = folded(report).join("\n");
     text.push('\n');
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    text.into_bytes()
 }
 
-pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
+pub fn render_svg(report: &Report) -> Result<Vec<u8>> {
     let lines = folded(report);
     let mut opts = Options::default();
     opts.title = format!(
@@ -56,23 +54,16 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<()> {
     ));
     opts.count_name = "waits".into();
     opts.name_type = "Frame:".into();
-    let file =
-        fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    if lines.is_empty() {
+    let mut svg = Vec::new();
+    let empty = ["no contention seen 1".to_string()];
+    let lines = if lines.is_empty() {
         // inferno refuses an empty profile; an empty graph still says "nothing seen".
-        let empty = ["no contention seen 1".to_string()];
         opts.title.push_str(" (no contention seen)");
-        return flamegraph::from_lines(
-            &mut opts,
-            empty.iter().map(String::as_str),
-            BufWriter::new(file),
-        )
-        .map_err(|e| anyhow!("flamegraph: {e}"));
-    }
-    flamegraph::from_lines(
-        &mut opts,
-        lines.iter().map(String::as_str),
-        BufWriter::new(file),
-    )
-    .map_err(|e| anyhow!("flamegraph: {e}"))
+        &empty[..]
+    } else {
+        &lines[..]
+    };
+    flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
+        .map_err(|e| anyhow!("flamegraph: {e}"))?;
+    Ok(svg)
 }

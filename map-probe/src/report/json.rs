@@ -1,12 +1,11 @@
 //! The JSON report: the whole `Report`, for scripts and tests.
 
-use std::{fs, path::Path};
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::Report;
 
-pub fn write(report: &Report, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(report)?;
-    fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+pub fn render(report: &Report) -> Result<Vec<u8>> {
+    let mut text = serde_json::to_vec_pretty(report)?;
+    text.push(b'\n');
+    Ok(text)
 }

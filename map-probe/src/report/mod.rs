@@ -2,6 +2,7 @@
 //! the probes sampled, and what was lost.
 
 pub mod flamegraph;
+pub mod format;
 pub mod json;
 pub mod terminal;
 
@@ -47,6 +48,8 @@ pub struct TargetInfo {
 
 #[derive(Serialize, Debug)]
 pub struct Sampling {
+    /// `--duration`, when one was given.
+    pub requested_secs: Option<f64>,
     /// Wall time from the first attach to the end.
     pub elapsed_secs: f64,
     /// Time the probes were in place.
@@ -59,7 +62,11 @@ pub struct Sampling {
     /// Counts in `sites` are raw counts times this (elapsed / attached).
     pub scale: f64,
     pub method: String,
-    pub budget_cpu_percent: f64,
+    /// `--budget`: what all probes together may cost, in % of one CPU
+    /// (null for `unlimited`); the lock probes get `lock_budget_cpu_percent`
+    /// of it and the map-write probes `map_writes.budget_cpu_percent`.
+    pub budget_cpu_percent: Option<f64>,
+    pub lock_budget_cpu_percent: Option<f64>,
     pub hit_cost_us: f64,
     pub window_ms: u64,
     /// The map-write probes' own windows (absent when they were off).
@@ -72,10 +79,16 @@ pub struct MapSampling {
     pub windows: u32,
     pub raw_hits: u64,
     pub raw_ret_hits: u64,
-    pub budget_cpu_percent: f64,
+    /// The map-write probes' share of `--budget`.
+    pub budget_cpu_percent: Option<f64>,
     pub window_ms: u64,
     /// Hits per second while attached, in the last window that closed.
     pub last_rate_per_sec: f64,
+    /// RETs seen without their entry (the call began outside a window).
+    pub unmatched_rets: u64,
+    /// Entries into a map another goroutine's write was inside; only those
+    /// whose first write was then seen to end are reported as overlaps.
+    pub overlap_candidates: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -247,12 +260,16 @@ pub fn probe_hits(raw: &[RawSite], points: &[Point]) -> Vec<ProbeOut> {
         .collect()
 }
 
+/// The ranked sites, every stack for the flamegraph, and how many raw waits
+/// had a stack that never left the lock machinery (the frame-pointer walk
+/// stopped early), counted as drops rather than shown as a site named after
+/// `sync` internals.
 pub fn build_sites(
     raw: &[RawSite],
     points: &[Point],
     sym: &mut Symbolizer,
     scale: f64,
-) -> (Vec<Site>, Vec<StackCount>) {
+) -> (Vec<Site>, Vec<StackCount>, u64) {
     struct Acc {
         site: FrameOut,
         kind: Kind,
@@ -265,6 +282,7 @@ pub fn build_sites(
     }
     let mut by_site: HashMap<(Kind, String, String, u32), Acc> = HashMap::new();
     let mut flame: HashMap<(Kind, Vec<FrameOut>), u64> = HashMap::new();
+    let mut incomplete = 0;
     for r in raw {
         let Some(point) = points.get(r.point) else {
             continue;
@@ -279,6 +297,10 @@ pub fn build_sites(
         }
         let (at, kind) = classify(&frames, point.kind);
         let site = frames[at].clone();
+        if is_machinery(&site.function) {
+            incomplete += r.stats.count;
+            continue;
+        }
         let key = (kind, site.function.clone(), site.file.clone(), site.line);
         let acc = by_site.entry(key).or_insert_with(|| Acc {
             site,
@@ -345,7 +367,7 @@ pub fn build_sites(
         })
         .collect();
     stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
-    (sites, stacks)
+    (sites, stacks, incomplete)
 }
 
 #[cfg(test)]

@@ -2,18 +2,25 @@
 
 use std::io::{self, Write};
 
-use super::{Report, RiskKind};
+use super::{
+    format::{duration, group, secs, short_path},
+    Report, RiskKind,
+};
 
 pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
     let s = &report.sampling;
     let t = &report.target;
+    let asked = s
+        .requested_secs
+        .filter(|r| (r - s.elapsed_secs).abs() >= 0.05)
+        .map_or(String::new(), |r| format!(" ({} requested)", secs(r)));
     writeln!(
         out,
-        "map-probe: pid {} {} ({}) for {:.1} s; probes attached {} in {} window(s), counts scaled x{:.2}",
+        "map-probe: pid {} {} ({}) for {}{asked}; probes attached {} in {} window(s), counts scaled x{:.2}",
         t.pid,
         t.exe,
         t.go_version,
-        s.elapsed_secs,
+        secs(s.elapsed_secs),
         secs(s.attached_secs),
         s.windows,
         s.scale
@@ -53,8 +60,8 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
     if d.any() {
         writeln!(
             out,
-            "drops: {} event(s) lost (site map full), {} stack(s) lost, {} wait(s) untimed",
-            d.site_map_full, d.stack_lost, d.inflight_full
+            "drops: {} event(s) lost (site map full), {} stack(s) lost, {} stack(s) cut short in the lock machinery, {} wait(s) untimed",
+            d.site_map_full, d.stack_lost, d.stack_incomplete, d.inflight_full
         )?;
     } else {
         writeln!(out, "drops: none")?;
@@ -101,58 +108,4 @@ fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn duration(ns: u64, timed: u64) -> String {
-    match ns {
-        _ if timed == 0 => "-".into(),
-        n if n >= 1_000_000 => format!("{:.1} ms", n as f64 / 1e6),
-        n if n >= 1_000 => format!("{:.0} µs", n as f64 / 1e3),
-        n => format!("{n} ns"),
-    }
-}
-
-/// The last two path components: enough to find the file, short enough to read.
-/// Seconds for people: milliseconds below one second.
-pub fn secs(s: f64) -> String {
-    if s < 1.0 {
-        format!("{:.0} ms", s * 1e3)
-    } else {
-        format!("{s:.1} s")
-    }
-}
-
-pub fn short_path(p: &str) -> &str {
-    let mut cut = p.len();
-    for _ in 0..2 {
-        match p[..cut].rfind('/') {
-            Some(i) => cut = i,
-            None => return p,
-        }
-    }
-    &p[cut + 1..]
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn formats() {
-        assert_eq!(super::group(1234567), "1,234,567");
-        assert_eq!(super::group(12), "12");
-        assert_eq!(super::short_path("/a/b/c/main.go"), "c/main.go");
-        assert_eq!(super::short_path("main.go"), "main.go");
-        assert_eq!(super::duration(1_500, 1), "2 µs");
-    }
 }
