@@ -3,7 +3,8 @@
 //! `target` and `gobin` find the process and read its binary, `catalog`
 //! decides where to probe for its Go version, `probes` loads and attaches the
 //! eBPF programs, `governor` keeps their cost in budget, `aggregate` reads the
-//! kernel's counts, `symbolize` names the stacks, and `report` renders them.
+//! kernel's counts, `symbolize` names the stacks, `sites` and `risks` build
+//! the one report model, and `report` renders it.
 
 pub mod aggregate;
 pub mod catalog;
@@ -15,6 +16,7 @@ pub mod probes;
 pub mod report;
 pub mod risks;
 pub mod session;
+pub mod sites;
 pub mod symbolize;
 pub mod target;
 pub mod text;

@@ -11,7 +11,8 @@ use map_probe_common::{Fatal, FATAL_MSG};
 use crate::{
     catalog::{is_map_write_frame, Plan},
     probes::Probes,
-    report::{is_machinery, site_of, FrameOut, Risk, RiskKind, WriterOut},
+    report::{FrameOut, Risk, RiskKind, WriterOut},
+    sites::{is_machinery, site_of},
     symbolize::Symbolizer,
 };
 
@@ -187,7 +188,27 @@ fn fatal(cx: &mut Ctx, overlaps: &[Risk], clock: Clock) -> Result<Option<Risk>> 
     }
     fatals.sort_by_key(|(_, f)| f.ts_ns);
     let first = fatals[0].1;
-    let map = fatals.iter().map(|(_, f)| f.map).find(|&m| m != 0);
+    // The dying map: the one the throwing goroutine was seen writing, or,
+    // when its write began while every map window was closed, the map of
+    // the latest overlap that goroutine took part in.
+    let map = fatals
+        .iter()
+        .map(|(_, f)| f.map)
+        .find(|&m| m != 0)
+        .or_else(|| {
+            overlaps
+                .iter()
+                .filter(|r| {
+                    r.writers.iter().any(|w| {
+                        fatals
+                            .iter()
+                            .any(|(_, f)| f.goid != 0 && f.goid == w.goroutine)
+                    })
+                })
+                .max_by(|a, b| a.last_seen_secs.total_cmp(&b.last_seen_secs))
+                .and_then(|r| r.map.as_deref())
+                .and_then(|m| u64::from_str_radix(m.trim_start_matches("0x"), 16).ok())
+        });
     let mut writers = Vec::new();
     for (_, f) in &fatals {
         let stack = cx.stack_at_probe(f.stack_id, f.caller);

@@ -21,6 +21,7 @@ use crate::{
     probes::Probes,
     report::{self, MapSampling, Report, Sampling, TargetInfo},
     risks::{self, Clock},
+    sites,
     symbolize::Symbolizer,
     target::Target,
 };
@@ -283,7 +284,7 @@ fn build_report(
     let scale = locks.scale(elapsed, now);
     let mut sym = Symbolizer::new(&target.bin, target.bias);
     let (sites, stacks, incomplete) =
-        report::build_sites(&raw, &plans.locks.points, &mut sym, scale);
+        sites::build_sites(&raw, &plans.locks.points, &mut sym, scale);
     let risks = risks::collect(probes, plans.maps.as_ref(), &mut sym, clock)?;
     let cfg = locks.config();
     let map_writes = sets
@@ -330,7 +331,7 @@ fn build_report(
             window_ms: cfg.window.as_millis() as u64,
             map_writes,
         },
-        probes: report::probe_hits(&raw, &plans.locks.points),
+        probes: sites::probe_hits(&raw, &plans.locks.points),
         drops,
         end: end.as_str().into(),
         sites,

@@ -79,7 +79,7 @@ options:
   --pairs N          detached/attached phase pairs (default 6)
   --phase SECS       length of one phase, whole seconds (default 8)
   --budget PCT       map-probe --budget: % of one CPU the probes may cost (default 0.5, its
-                     default; 0 keeps the probes attached all the time)
+                     default; `unlimited` keeps the probes attached all the time)
   --go VERSION|PATH  Go to build the fixture with: the machine's (default), 1.19
                      (/usr/lib/go-1.19/bin/go) or a path to a go binary
   --warmup SECS      load before the first phase (default 3)

@@ -15,11 +15,12 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
-  setup            install the pinned Rust, bpf-linker, Go 1.19, bpftrace, wrk (idempotent)
+  setup            install the pinned Rust, bpf-linker, Go 1.19, bpftrace, wrk, caddy (idempotent)
   build [args]     setup, then cargo build --release -p map-probe [args]
   test [-- filter] setup, fmt --check, clippy -D warnings, cargo test (needs root)
   demo             build, run the contended Go fixture and attach map-probe to it (needs root)
-  bench [args]     benchmarks (not yet implemented)";
+  bench [args]     overhead: detached and attached phases of a loaded Go service, alternating
+                   (`cargo xtask bench --help` for modes and options)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);

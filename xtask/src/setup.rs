@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
-const APT_PACKAGES: &[&str] = &["golang-1.19-go", "bpftrace", "wrk"];
+const APT_PACKAGES: &[&str] = &["golang-1.19-go", "bpftrace", "wrk", "caddy"];
 pub const GO119: &str = "/usr/lib/go-1.19/bin/go";
 const MIN_GO: (u32, u32) = (1, 21);
 

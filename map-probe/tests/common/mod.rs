@@ -97,6 +97,36 @@ pub fn map_probe(args: &[&str]) -> std::process::Output {
         .expect("run map-probe")
 }
 
+/// Starts a fixture binary with `args` and waits for its `ready pid=` line.
+pub fn start_fixture(bin: &Path, args: &[&str]) -> Child {
+    let mut c = Child::spawn(bin, args);
+    c.wait_for_line("ready pid=", Duration::from_secs(10));
+    c
+}
+
+/// `map-probe attach --pid <pid> <args> --json <tmp/name.json>`: its output
+/// and the JSON report it wrote (panics, showing stderr, if there is none).
+pub fn attach_json(
+    pid: u32,
+    name: &str,
+    args: &[&str],
+) -> (std::process::Output, serde_json::Value) {
+    let path = tmp(&format!("{name}.json"));
+    let _ = std::fs::remove_file(&path);
+    let pid = pid.to_string();
+    let mut all = vec!["attach", "--pid", &pid];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--json", path.to_str().unwrap()]);
+    let out = map_probe(&all);
+    assert!(
+        path.exists(),
+        "{name}: no JSON report; map-probe said: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = read_json(&path);
+    (out, report)
+}
+
 /// A path under `target/test-out/` for a test's outputs (kept for a look afterwards).
 pub fn tmp(name: &str) -> PathBuf {
     let dir = workspace_root().join("target/test-out");
@@ -413,4 +443,54 @@ fn wait_line(
             }
         }
     }
+}
+
+/// The user frames a race report names for racing map writes: in each access
+/// (`Write at ...` and the frames below it), a `runtime.mapassign*`,
+/// `mapdelete*` or `mapclear` frame, then the first frame outside the
+/// runtime with its `file:line` on the next line. Racing reads (`len(m)`)
+/// are left out: map-probe watches writes.
+pub fn race_write_sites(report: &str) -> std::collections::HashSet<(String, u64)> {
+    let mut sites = std::collections::HashSet::new();
+    let lines: Vec<&str> = report.lines().collect();
+    let mut in_access = false;
+    let mut via_map_write = false;
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim();
+        if t.contains(" at 0x") && t.contains(" by ") {
+            in_access = true;
+            via_map_write = false;
+            continue;
+        }
+        if !in_access || !t.ends_with("()") {
+            continue;
+        }
+        let func = t.trim_end_matches("()");
+        if ["runtime.mapassign", "runtime.mapdelete", "runtime.mapclear"]
+            .iter()
+            .any(|p| func.starts_with(p))
+        {
+            via_map_write = true;
+        } else if !func.starts_with("runtime.") && !func.starts_with("internal/") {
+            let loc = lines.get(i + 1).map(|s| s.trim()).unwrap_or("");
+            let line = loc
+                .split_whitespace()
+                .next()
+                .and_then(|fl| fl.rsplit(':').next())
+                .and_then(|n| n.parse().ok());
+            if let (true, Some(line)) = (via_map_write, line) {
+                sites.insert((func.to_string(), line));
+            }
+            in_access = false;
+        }
+    }
+    sites
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
