@@ -99,6 +99,17 @@ fn is_target() -> bool {
 /// the return address on a stack Go may move).
 #[uprobe(multi)]
 pub fn lock_wait(ctx: ProbeContext) -> u32 {
+    lock_wait_hit(ctx)
+}
+
+/// `lock_wait` on kernels without uprobe_multi: one perf-event uprobe per point.
+#[uprobe]
+pub fn lock_wait_pe(ctx: ProbeContext) -> u32 {
+    lock_wait_hit(ctx)
+}
+
+#[inline(always)]
+fn lock_wait_hit(ctx: ProbeContext) -> u32 {
     if !is_target() {
         return 0;
     }
@@ -198,6 +209,17 @@ fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
 /// would seem to overlap it.
 #[uprobe(multi)]
 pub fn map_write(ctx: ProbeContext) -> u32 {
+    map_write_hit(ctx)
+}
+
+/// `map_write` on kernels without uprobe_multi.
+#[uprobe]
+pub fn map_write_pe(ctx: ProbeContext) -> u32 {
+    map_write_hit(ctx)
+}
+
+#[inline(always)]
+fn map_write_hit(ctx: ProbeContext) -> u32 {
     if !is_target() {
         return 0;
     }
@@ -331,6 +353,17 @@ fn overlap(first: &Writer, now: u64) {
 /// process dies. Always attached: it runs once per process lifetime.
 #[uprobe(multi)]
 pub fn go_fatal(ctx: ProbeContext) -> u32 {
+    go_fatal_hit(ctx)
+}
+
+/// `go_fatal` on kernels without uprobe_multi.
+#[uprobe]
+pub fn go_fatal_pe(ctx: ProbeContext) -> u32 {
+    go_fatal_hit(ctx)
+}
+
+#[inline(always)]
+fn go_fatal_hit(ctx: ProbeContext) -> u32 {
     if !is_target() {
         return 0;
     }

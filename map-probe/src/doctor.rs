@@ -5,6 +5,8 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{bail, Result};
 
+use crate::probes::{uprobe_multi_supported, UprobeMode};
+
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -60,20 +62,19 @@ impl Host {
                 sysfs().join("bus/event_source/devices/uprobe").display()
             );
         }
-        if !self.btf {
+        if UprobeMode::for_host() == UprobeMode::PerfEvent && !bpf_cookies() {
             bail!(
-                "this kernel ({}) exposes no BTF (no {}): map-probe needs CONFIG_DEBUG_INFO_BTF",
-                self.kernel,
-                sysfs().join("kernel/btf/vmlinux").display()
-            );
-        }
-        if !uprobe_multi() {
-            bail!(
-                "this kernel ({}) lacks uprobe_multi links with process-wide PID filters: map-probe needs Linux 6.6 or newer",
+                "this kernel ({}) has neither uprobe_multi links (Linux 6.6) nor BPF cookies on perf-event uprobes (Linux 5.15): map-probe needs one of them",
                 self.kernel
             );
         }
         Ok(())
+    }
+
+    /// Without BTF the crash-signal capture (other threads' stacks as Go
+    /// dies) cannot load; everything else works.
+    pub fn crash_signals(&self) -> bool {
+        self.btf
     }
 }
 
@@ -94,10 +95,20 @@ pub fn run() -> Result<bool> {
     println!("kernel          {}", h.kernel);
     println!("uprobes         {}  (uprobe perf PMU)", yes(h.uprobe_pmu));
     println!(
-        "uprobe_multi    {}  (PID-scoped links)",
-        yes(h.privileged() && uprobe_multi())
+        "uprobe_multi    {}  (PID-scoped links, Linux 6.6+)",
+        yes(h.privileged() && uprobe_multi_supported())
     );
-    println!("BTF             {}  (/sys/kernel/btf/vmlinux)", yes(h.btf));
+    println!(
+        "BPF cookies     {}  (perf-event uprobes, Linux 5.15+: the fallback)",
+        yes(h.privileged() && bpf_cookies())
+    );
+    println!(
+        "BTF             {}  (/sys/kernel/btf/vmlinux: other threads' stacks at a crash)",
+        yes(h.btf)
+    );
+    if h.privileged() {
+        println!("uprobe mode     {}", UprobeMode::for_host().as_str());
+    }
     println!("CAP_BPF         {}", yes(h.cap_bpf));
     println!("CAP_PERFMON     {}", yes(h.cap_perfmon));
     println!("CAP_SYS_ADMIN   {}", yes(h.cap_sys_admin));
@@ -117,7 +128,17 @@ pub fn run() -> Result<bool> {
     }
 }
 
-fn uprobe_multi() -> bool {
-    aya::sys::is_uprobe_multi_supported(aya::sys::UProbeMultiFeature::ProcessScopedPidFilter)
-        .unwrap_or(false)
+/// Whether the kernel takes a BPF cookie on a perf-event link (Linux 5.15+).
+fn bpf_cookies() -> bool {
+    let (major, minor) = kernel_version();
+    (major, minor) >= (5, 15)
+}
+
+pub fn kernel_version() -> (u32, u32) {
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod gobin;
 pub mod governor;
 pub mod launch;
+pub mod links;
 pub mod probes;
 pub mod report;
 pub mod risks;

@@ -10,7 +10,7 @@ use map_probe::{
     catalog::{self, Purpose},
     doctor::{self, Host},
     governor, launch,
-    probes::Probes,
+    probes::{Probes, UprobeMode},
     report::{format::secs, RiskKind},
     session::{self, End, Outputs, Plans},
     target::{self, Target},
@@ -284,10 +284,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
 
 fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
-    Host::probe().require()?;
+    let host = Host::probe();
+    host.require()?;
     let target = Target::from_pid(pid)?;
     let _claim = target.claim(common.allow_second)?;
-    let (plans, probes) = prepare(&target, &opts)?;
+    let (plans, probes) = prepare(&target, &opts, &host)?;
     let out = session::observe(&target, &plans, probes, &opts, None)?;
     session::write_outputs(&out.report, &opts.outputs)?;
     if out.end == End::TargetExited {
@@ -296,9 +297,13 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
             .risks
             .iter()
             .find(|r| r.kind == RiskKind::Fatal)
-            .map_or("exited".to_string(), |r| {
-                format!("died (fatal error: {})", r.message)
-            });
+            .map(|r| format!("died (fatal error: {})", r.message))
+            .or_else(|| {
+                target
+                    .replaced_by()
+                    .map(|p| format!("exec'd another program ({})", p.display()))
+            })
+            .unwrap_or_else(|| "exited".to_string());
         eprintln!(
             "map-probe: PID {pid} {why} after {:.1} s, before the run was over; outputs cover that time",
             out.report.sampling.elapsed_secs
@@ -311,7 +316,7 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
 /// Decides every probe point for the target's Go version and loads the
 /// programs. The crash watch (fatal errors and the SIGURG stacks) goes in at
 /// once and stays: it costs nothing until the target is dying.
-fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> {
+fn prepare(target: &Target, opts: &session::Options, host: &Host) -> Result<(Plans, Probes)> {
     let mut locks = catalog::plan(&target.bin, Purpose::LockWait)?;
     if !opts.wait_time {
         locks.points.iter_mut().for_each(|p| p.ret_offsets.clear());
@@ -333,14 +338,29 @@ fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> 
     }
     let plans = Plans { locks, maps, fatal };
     let goid = catalog::goid_offset(target.bin.go_version());
-    let mut probes = Probes::load(target.pid, target.open_path.clone(), goid, &plans.all())?;
+    let mut probes = Probes::load(
+        target.pid,
+        target.open_path.clone(),
+        goid,
+        &plans.all(),
+        UprobeMode::for_host(),
+    )?;
+    // The PID must still name the process that was read (not a new one
+    // that reused its number) as the probes go in.
+    if !target.alive() {
+        bail!("PID {} exited before map-probe attached", target.pid);
+    }
     if let Err(e) = probes.attach(Purpose::Fatal) {
         if !target.alive() {
             bail!("PID {} exited while map-probe was attaching", target.pid);
         }
         return Err(e);
     }
-    if let Err(e) = probes.attach_crash_signals() {
+    if !host.crash_signals() {
+        eprintln!(
+            "map-probe: this kernel exposes no BTF: a crash will show the throwing goroutine, not the other threads' stacks"
+        );
+    } else if let Err(e) = probes.attach_crash_signals() {
         log::warn!("{e}: a crash will show the throwing goroutine only");
     }
     Ok((plans, probes))
@@ -348,7 +368,8 @@ fn prepare(target: &Target, opts: &session::Options) -> Result<(Plans, Probes)> 
 
 fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
-    Host::probe().require()?;
+    let host = Host::probe();
+    host.require()?;
     let exe = resolve_command(&cmd[0])?;
     let bin = target::open_go(&exe, &exe)?;
     // The child stops itself between fork and exec: the probes go in while
@@ -358,7 +379,7 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let pid = child.pid;
     let mut target = Target::from_spawned(pid, exe.canonicalize().unwrap_or(exe.clone()), bin);
     let prepared = (|| {
-        let (plans, mut probes) = prepare(&target, &opts)?;
+        let (plans, mut probes) = prepare(&target, &opts, &host)?;
         // The first windows open before the program runs.
         probes.attach(Purpose::LockWait)?;
         if opts.maps.is_some() {

@@ -5,9 +5,15 @@
 //! a window opens RETs first and closes entries first: every call whose entry
 //! a window sees, it also sees return, unless the call outlives the window.
 
-use std::{num::NonZeroU32, path::PathBuf, time::Duration, time::Instant};
+use std::{
+    num::NonZeroU32,
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+    time::Duration,
+    time::Instant,
+};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
@@ -23,7 +29,7 @@ use map_probe_common::{
 
 use crate::{
     catalog::{Plan, Purpose},
-    text,
+    links, text,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/map-probe.bpf.o"));
@@ -33,12 +39,96 @@ struct Set {
     purpose: Purpose,
     entries: Vec<(u64, u64)>,
     rets: Vec<(u64, u64)>,
-    entry_link: Option<UProbeLinkId>,
-    ret_link: Option<UProbeLinkId>,
+    entry_link: Option<Handle>,
+    ret_link: Option<Handle>,
 }
+
+/// An attached link: made by a child (uprobe_multi; see `links`), or one
+/// aya holds (the perf-event fallback, one perf event per point).
+enum Handle {
+    Child(links::Link),
+    Aya(UProbeLinkId),
+}
+
+/// How uprobes reach the kernel. uprobe_multi (Linux 6.6+) plants a whole
+/// set in one link; older kernels take one perf-event uprobe per point (with
+/// BPF cookies, Linux 5.15+). The eBPF object carries a program of each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UprobeMode {
+    Multi,
+    PerfEvent,
+}
+
+impl UprobeMode {
+    /// What this host supports, unless `MAP_PROBE_UPROBE_MODE` (`multi` or
+    /// `perf-event`) says otherwise: the tests force the fallback that way.
+    pub fn for_host() -> UprobeMode {
+        match std::env::var("MAP_PROBE_UPROBE_MODE").as_deref() {
+            Ok("perf-event") => UprobeMode::PerfEvent,
+            Ok("multi") => UprobeMode::Multi,
+            _ if uprobe_multi_supported() => UprobeMode::Multi,
+            _ => UprobeMode::PerfEvent,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UprobeMode::Multi => "uprobe_multi links",
+            UprobeMode::PerfEvent => "perf-event uprobes, one per point",
+        }
+    }
+
+    fn program(self, purpose: Purpose) -> String {
+        match self {
+            UprobeMode::Multi => purpose.program().to_string(),
+            UprobeMode::PerfEvent => format!("{}_pe", purpose.program()),
+        }
+    }
+}
+
+pub fn uprobe_multi_supported() -> bool {
+    aya::sys::is_uprobe_multi_supported(aya::sys::UProbeMultiFeature::ProcessScopedPidFilter)
+        .unwrap_or(false)
+}
+
+/// Raises RLIMIT_MEMLOCK, which kernels before 5.11 charge BPF maps to
+/// (later ones account them to the memory cgroup and ignore it).
+fn raise_memlock() -> Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0
+        || crate::doctor::kernel_version() >= (5, 11)
+    {
+        return Ok(());
+    }
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit on a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur);
+        cur.rlim_cur = cur.rlim_max;
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &cur);
+    }
+    if cur.rlim_cur != libc::RLIM_INFINITY && cur.rlim_cur < NEEDED_MEMLOCK {
+        bail!(
+            "RLIMIT_MEMLOCK is {} KiB and cannot be raised, and this kernel charges BPF maps to it: run map-probe with CAP_SYS_RESOURCE or after `ulimit -l unlimited`",
+            cur.rlim_cur >> 10
+        );
+    }
+    Ok(())
+}
+
+/// What the maps take at their stated sizes, with room to spare.
+const NEEDED_MEMLOCK: u64 = 256 << 20;
 
 pub struct Probes {
     ebpf: Ebpf,
+    mode: UprobeMode,
     /// Messages the eBPF programs log (rare: a full map, a fatal error).
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     target: PathBuf,
@@ -48,8 +138,30 @@ pub struct Probes {
 }
 
 impl Probes {
-    pub fn load(pid: u32, target: PathBuf, goid_offset: u64, plans: &[&Plan]) -> Result<Probes> {
-        let mut ebpf = EbpfLoader::new()
+    pub fn load(
+        pid: u32,
+        target: PathBuf,
+        goid_offset: u64,
+        plans: &[&Plan],
+        mode: UprobeMode,
+    ) -> Result<Probes> {
+        raise_memlock()?;
+        // aya reads the kernel's BTF only for CO-RE relocations, which these
+        // programs do not use: they load without it.
+        let mut loader = EbpfLoader::new();
+        // Tests shrink the site and stack tables to prove what happens when
+        // they fill, without generating 100,000 stacks through traps.
+        let shrunk: Vec<(&str, u32)> = ["SITES", "STACKS"]
+            .into_iter()
+            .filter_map(|m| {
+                let n = std::env::var(format!("MAP_PROBE_MAX_{m}")).ok()?;
+                Some((m, n.parse().ok().filter(|&n: &u32| n > 0)?))
+            })
+            .collect();
+        for &(m, n) in &shrunk {
+            loader.map_max_entries(m, n);
+        }
+        let mut ebpf = loader
             .override_global("TARGET_TGID", &pid, true)
             .override_global("GOID_OFFSET", &goid_offset, true)
             .load(OBJECT)
@@ -61,11 +173,11 @@ impl Probes {
             .ok();
         let mut sets = Vec::new();
         for plan in plans {
-            let prog = uprobe(&mut ebpf, plan.purpose)?;
+            let prog = uprobe(&mut ebpf, mode, plan.purpose)?;
             prog.load().map_err(|e| {
                 anyhow!(
                     "the kernel rejected the eBPF program {}: {e} (see `map-probe doctor`)",
-                    plan.purpose.program()
+                    mode.program(plan.purpose)
                 )
             })?;
             let mut entries = Vec::new();
@@ -84,6 +196,7 @@ impl Probes {
         }
         Ok(Probes {
             ebpf,
+            mode,
             logger,
             target,
             pid: NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?,
@@ -130,12 +243,19 @@ impl Probes {
         let ret_link = if rets.is_empty() {
             None
         } else {
-            Some(attach_points(&mut self.ebpf, purpose, &rets, &target, pid)?)
+            Some(attach_points(
+                &mut self.ebpf,
+                self.mode,
+                purpose,
+                &rets,
+                &target,
+                pid,
+            )?)
         };
         if let Some(set) = self.set(purpose) {
             set.ret_link = ret_link;
         }
-        let entry_link = attach_points(&mut self.ebpf, purpose, &entries, &target, pid);
+        let entry_link = attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
         let entry_link = match entry_link {
             Ok(l) => l,
             Err(e) => {
@@ -162,30 +282,21 @@ impl Probes {
         };
         let (entry, ret) = (set.entry_link.take(), set.ret_link.take());
         let offsets: Vec<u64> = set.entries.iter().map(|&(o, _)| o).collect();
-        let prog = uprobe(&mut self.ebpf, purpose)?;
-        let entry = entry.map(|l| prog.take_link(l)).transpose()?;
-        let ret = ret.map(|l| prog.take_link(l)).transpose()?;
-        let text = text::Text::of(self.pid.get(), &self.target);
-        std::thread::scope(|s| {
-            let gone = s.spawn(move || drop(entry));
-            let deadline = Instant::now() + Duration::from_millis(50);
-            let seen_gone = loop {
-                if gone.is_finished() {
-                    break true;
-                }
-                match text.as_ref().map(|t| t.any_planted(&offsets)) {
-                    Some(Ok(false)) => break true,
-                    Some(Ok(true)) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_micros(100))
-                    }
-                    _ => break false,
-                }
-            };
-            if !seen_gone {
-                let _ = gone.join();
+        let (mode, ebpf) = (self.mode, &mut self.ebpf);
+        if let Some(h) = entry {
+            drop_link(ebpf, mode, purpose, h)?;
+        }
+        // A child-made link's breakpoints leave while its child waits out
+        // the grace period; the RETs may go once they are seen gone.
+        if let Some(text) = text::Text::of(self.pid.get(), &self.target) {
+            let deadline = Instant::now() + Duration::from_millis(200);
+            while text.any_planted(&offsets).unwrap_or(false) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(100));
             }
-            drop(ret);
-        });
+        }
+        if let Some(h) = ret {
+            drop_link(ebpf, mode, purpose, h)?;
+        }
         Ok(t.elapsed())
     }
 
@@ -337,14 +448,39 @@ impl Probes {
     }
 }
 
-/// One uprobe_multi link over `points` (offset, cookie), scoped to `pid`.
+impl Drop for Probes {
+    /// Every link goes through its closer child; map-probe waits for them,
+    /// so when it exits nothing of it is left in the kernel.
+    fn drop(&mut self) {
+        for set in &mut self.sets {
+            for h in [set.entry_link.take(), set.ret_link.take()]
+                .into_iter()
+                .flatten()
+            {
+                if let Handle::Child(l) = h {
+                    let _ = l.detach();
+                }
+            }
+        }
+        links::reap_closers(true);
+    }
+}
+
+/// One link over `points` (offset, cookie), scoped to `pid`.
 fn attach_points(
     ebpf: &mut Ebpf,
+    mode: UprobeMode,
     purpose: Purpose,
     points: &[(u64, u64)],
     target: &std::path::Path,
     pid: NonZeroU32,
-) -> Result<UProbeLinkId> {
+) -> Result<Handle> {
+    if mode == UprobeMode::Multi {
+        let prog = uprobe(ebpf, mode, purpose)?.fd()?.as_fd().as_raw_fd();
+        return links::Link::attach(prog, target, points, pid.get())
+            .map(Handle::Child)
+            .with_context(|| format!("attaching uprobes to {}", target.display()));
+    }
     let points: Vec<UProbeAttachPoint> = points
         .iter()
         .map(|&(off, cookie)| UProbeAttachPoint {
@@ -352,13 +488,25 @@ fn attach_points(
             cookie: Some(cookie),
         })
         .collect();
-    uprobe(ebpf, purpose)?
+    uprobe(ebpf, mode, purpose)?
         .attach(points, target, UProbeScope::OneProcess(pid))
+        .map(Handle::Aya)
         .with_context(|| format!("attaching uprobes to {}", target.display()))
 }
 
-fn uprobe(ebpf: &mut Ebpf, purpose: Purpose) -> Result<&mut UProbe> {
-    let name = purpose.program();
+/// Removes one link; returns when its breakpoints are out of the target
+/// (a child link finishes the kernel's grace period on its own).
+fn drop_link(ebpf: &mut Ebpf, mode: UprobeMode, purpose: Purpose, h: Handle) -> Result<()> {
+    match h {
+        Handle::Child(l) => l.detach()?,
+        Handle::Aya(id) => uprobe(ebpf, mode, purpose)?.detach(id)?,
+    }
+    Ok(())
+}
+
+fn uprobe(ebpf: &mut Ebpf, mode: UprobeMode, purpose: Purpose) -> Result<&mut UProbe> {
+    let name = mode.program(purpose);
+    let name = name.as_str();
     Ok(ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?

@@ -115,7 +115,10 @@ pub fn build_sites(
             continue;
         }
         let Some((at, kind)) = classify(&frames, point.kind) else {
-            incomplete += r.stats.count;
+            // A lost stack (only the caller is known) is in `stack_lost` already.
+            if r.first_is_ip {
+                incomplete += r.stats.count;
+            }
             continue;
         };
         let site = frames[at].clone();

@@ -25,6 +25,15 @@ pub struct Target {
     pub bias: u64,
     /// Start time in clock ticks, to tell our target from a reused PID.
     start_time: u64,
+    /// (device, inode) of the executable, to tell when the process has
+    /// exec'd another program (the probes' offsets mean nothing there).
+    exe_id: Option<(u64, u64)>,
+}
+
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 impl Target {
@@ -59,6 +68,13 @@ impl Target {
         let exe = match fs::read_link(&exe_link) {
             Ok(p) => p,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                if !has_cap(CAP_SYS_PTRACE) && !status.same_user_as_us {
+                    bail!(
+                        "cannot read {} ({}): a process of another user, or with capabilities map-probe lacks, needs CAP_SYS_PTRACE (or run map-probe as its user with CAP_BPF and CAP_PERFMON)",
+                        exe_link.display(),
+                        status.name
+                    )
+                }
                 if is_root() {
                     bail!(
                         "the kernel refuses root access to {} ({}): the process is in another \
@@ -86,6 +102,7 @@ impl Target {
             bin: Arc::new(bin),
             bias,
             start_time,
+            exe_id: exe_id(pid),
         })
     }
 
@@ -99,6 +116,7 @@ impl Target {
             bin: Arc::new(bin),
             bias: 0,
             start_time: 0,
+            exe_id: None,
         }
     }
 
@@ -107,6 +125,7 @@ impl Target {
     pub fn settle_after_exec(&mut self) -> Result<()> {
         self.bias = load_bias(self.pid, &self.bin)?;
         self.start_time = start_time(self.pid).unwrap_or(0);
+        self.exe_id = exe_id(self.pid);
         Ok(())
     }
 
@@ -120,7 +139,8 @@ impl Target {
         Claim::take(self.pid).map(Some)
     }
 
-    /// Still the same process (not exited, not a zombie, PID not reused)?
+    /// Still the same process (not exited, not a zombie, PID not reused,
+    /// not exec'd into another program)?
     pub fn alive(&self) -> bool {
         let Ok(stat) = fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
             return false;
@@ -131,7 +151,21 @@ impl Target {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let state = fields.first().copied().unwrap_or("X");
         let start: u64 = fields.get(19).and_then(|s| s.parse().ok()).unwrap_or(0);
-        !matches!(state, "Z" | "X" | "x") && (self.start_time == 0 || start == self.start_time)
+        !matches!(state, "Z" | "X" | "x")
+            && (self.start_time == 0 || start == self.start_time)
+            && self.exe_id.is_none_or(|id| exe_id(self.pid) == Some(id))
+    }
+
+    /// The program this process exec'd into, if it did (it lives on, but
+    /// not as the binary that was probed).
+    pub fn replaced_by(&self) -> Option<PathBuf> {
+        let now = exe_id(self.pid)?;
+        if self.exe_id.is_some_and(|id| id != now)
+            && start_time(self.pid).is_some_and(|t| t == self.start_time)
+        {
+            return fs::read_link(format!("/proc/{}/exe", self.pid)).ok();
+        }
+        None
     }
 
     pub fn go_version(&self) -> &str {
@@ -145,6 +179,24 @@ struct Status {
     tgid: u32,
     state: char,
     kernel_thread: bool,
+    /// Same real uid as map-probe, and no capability map-probe lacks: what
+    /// the kernel's ptrace access check asks without CAP_SYS_PTRACE.
+    same_user_as_us: bool,
+}
+
+const CAP_SYS_PTRACE: u32 = 19;
+
+fn caps_of(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+fn has_cap(cap: u32) -> bool {
+    let me = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    caps_of(&me, "CapEff:") & (1 << cap) != 0
 }
 
 impl Status {
@@ -161,7 +213,16 @@ impl Status {
         // Field 9 of stat (the 7th after the name and state): the task flags.
         let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
         const PF_KTHREAD: u64 = 0x0020_0000;
+        let me = fs::read_to_string("/proc/self/status").ok()?;
+        let uid = |st: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next().map(str::to_string))
+        };
+        let theirs = caps_of(&status, "CapPrm:");
+        let ours = caps_of(&me, "CapPrm:");
         Some(Status {
+            same_user_as_us: uid(&status) == uid(&me) && theirs & !ours == 0,
             name: field("Name:")?,
             tgid: field("Tgid:")?.parse().ok()?,
             state: rest.chars().next()?,
@@ -226,33 +287,41 @@ pub struct Claim {
 }
 
 impl Claim {
-    fn dir() -> PathBuf {
-        std::env::var_os("MAP_PROBE_RUN_DIR").map_or_else(
-            || {
-                let run = PathBuf::from("/run/map-probe");
-                if fs::create_dir_all(&run).is_ok() {
-                    run
-                } else {
-                    std::env::temp_dir().join("map-probe")
-                }
-            },
-            PathBuf::from,
-        )
+    /// `/run/map-probe`, shared by every user like /tmp (mode 1777), so a
+    /// map-probe running as a service's own user still sees the others.
+    fn open(pid: u32) -> Result<(PathBuf, fs::File)> {
+        use std::os::unix::fs::PermissionsExt;
+        let dirs = match std::env::var_os("MAP_PROBE_RUN_DIR") {
+            Some(d) => vec![PathBuf::from(d)],
+            None => vec![
+                PathBuf::from("/run/map-probe"),
+                std::env::temp_dir().join("map-probe"),
+            ],
+        };
+        let mut last = None;
+        for dir in dirs {
+            if fs::create_dir(&dir).is_ok() {
+                let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777));
+            }
+            let path = dir.join(format!("{pid}.lock"));
+            match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+            {
+                Ok(f) => return Ok((path, f)),
+                Err(e) => last = Some(anyhow!("cannot open {}: {e}", path.display())),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no folder for the lock file")))
     }
 
     fn take(pid: u32) -> Result<Claim> {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
-        let dir = Self::dir();
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join(format!("{pid}.lock"));
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let (_, mut file) = Self::open(pid)?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let mut owner = String::new();

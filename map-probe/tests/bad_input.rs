@@ -148,10 +148,11 @@ fn without_privileges() {
     assert!(fixture.running());
 }
 
-/// A kernel without uprobes or BTF is played by pointing map-probe at a sysfs
-/// tree that lacks them (the real kernel has both; this checks the message).
+/// A kernel without uprobes is played by pointing map-probe at a sysfs tree
+/// that lacks them (the real kernel has them; this checks the message).
+/// Without BTF map-probe still works (see reliability.rs).
 #[test]
-fn kernel_without_uprobes_or_btf() {
+fn kernel_without_uprobes() {
     require_root();
     let bin = go_fixture("contended", GoToolchain::Go126, Variant::Plain);
     let mut fixture = Child::spawn(&bin, &["-duration", "30s"]);
@@ -173,10 +174,6 @@ fn kernel_without_uprobes_or_btf() {
             .unwrap()
     };
     assert_one_line_error(&run(), "no uprobe support");
-    let pmu = fake.join("bus/event_source/devices/uprobe");
-    std::fs::create_dir_all(&pmu).unwrap();
-    std::fs::write(pmu.join("type"), "7\n").unwrap();
-    assert_one_line_error(&run(), "exposes no BTF");
     assert!(fixture.running());
 }
 

@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -19,6 +20,7 @@ commands:
   build [args]     setup, then cargo build --release -p map-probe [args]
   test [-- filter] setup, fmt --check, clippy -D warnings, cargo test (needs root)
   demo             build, run the contended Go fixture and attach map-probe to it (needs root)
+  fuzz [args]      the hostile-binaries mutator for a while (--seconds N, --seed HEX)
   bench [args]     overhead: detached and attached phases of a loaded Go service, alternating
                    (`cargo xtask bench --help` for modes and options)";
 
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         "test" => test::run(&rest),
         "demo" => no_args(&cmd, &rest).and_then(|()| demo::run()),
         "bench" => bench::run(&rest),
+        "fuzz" => fuzz::run(&rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())

@@ -1,0 +1,644 @@
+//! map-probe is safe to leave on a production host: churn of probe windows,
+//! SIGKILLs at random moments, targets that churn threads or exec or exit,
+//! older kernels (the fallbacks forced here), full tables, least privilege,
+//! and a BPF object that never writes the target's memory.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    attach_json, go_fixture, map_probe_bin, read_json, require_root, start_fixture, tmp,
+    workspace_root, Child, GoToolchain, Variant,
+};
+use serde_json::Value;
+
+/// The executable mappings of `pid`'s own binary, read from /proc/PID/mem,
+/// compared byte for byte with the file: the (file offset, in memory, in
+/// the file) of every byte that differs.
+fn text_differs_from_file(pid: u32) -> Option<Vec<(usize, u8, u8)>> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let file = std::fs::read(&exe).ok()?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut differ = Vec::new();
+    let mut compared = 0;
+    for l in maps.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 6 || !f[1].contains('x') || Path::new(f[5]) != exe {
+            continue;
+        }
+        let (a, b) = f[0].split_once('-')?;
+        let (start, end) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        let off = u64::from_str_radix(f[2], 16).ok()? as usize;
+        let len = ((end - start) as usize).min(file.len().saturating_sub(off));
+        let mut buf = vec![0u8; len];
+        mem.read_exact_at(&mut buf, start).ok()?;
+        differ.extend(
+            buf.iter()
+                .zip(&file[off..off + len])
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, (x, y))| (off + i, *x, *y)),
+        );
+        compared += len;
+    }
+    assert!(
+        compared > 100_000,
+        "compared only {compared} bytes of {}",
+        exe.display()
+    );
+    Some(differ)
+}
+
+/// Waits (up to 5 s: the kernel removes breakpoints as the links close)
+/// until the target's code equals its file again.
+fn assert_unprobed(pid: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = text_differs_from_file(pid).expect("read the target's text");
+        if d.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} bytes of the target's code still differ from its file (offset, memory, file): {:x?}",
+            d.len(),
+            &d[..d.len().min(8)]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Our BPF programs loaded since `since` (CLOCK_BOOTTIME) that no live
+/// process holds any more (through a program or link descriptor): what a
+/// map-probe that is gone would have left in the kernel. Programs of another
+/// map-probe still running (a parallel test run) are held, so not counted.
+fn our_programs_since(since: Duration) -> Vec<String> {
+    const OURS: [&str; 7] = [
+        "lock_wait",
+        "map_write",
+        "go_fatal",
+        "crash_signal",
+        "lock_wait_pe",
+        "map_write_pe",
+        "go_fatal_pe",
+    ];
+    let held = held_program_ids();
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.loaded_at().is_some_and(|t| {
+                t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+                    >= unix_of_boottime(since)
+            })
+        })
+        .filter(|p| !held.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| OURS.contains(&n.as_str()))
+        .collect()
+}
+
+/// Every `prog_id` any process's descriptors refer to (/proc/*/fdinfo).
+fn held_program_ids() -> HashSet<u32> {
+    let mut ids = HashSet::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|v| v.trim().parse::<u32>().ok()),
+            );
+        }
+    }
+    ids
+}
+
+fn boottime() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn unix_of_boottime(t: Duration) -> Duration {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    now_unix.saturating_sub(boottime().saturating_sub(t))
+}
+
+fn windows(r: &Value) -> u64 {
+    r["sampling"]["windows"].as_u64().unwrap()
+        + r["sampling"]["map_writes"]["windows"].as_u64().unwrap_or(0)
+}
+
+/// `writes=N` from the fixture on SIGUSR1, twice `secs` apart: writes/s.
+fn rate(fixture: &mut Child, secs: f64) -> f64 {
+    let read = |f: &mut Child| {
+        f.signal(libc::SIGUSR1);
+        f.wait_for_line("writes=", Duration::from_secs(5))
+            .trim_start_matches("writes=")
+            .parse::<f64>()
+            .unwrap()
+    };
+    let a = read(fixture);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    (read(fixture) - a) / secs
+}
+
+/// 1,000 probe windows opened and closed on a live, busy target: it never
+/// crashes or stalls, its own checksum holds, its throughput comes back,
+/// and afterwards its code equals its file and none of our BPF programs is
+/// left in the kernel.
+#[test]
+fn a_thousand_windows_leave_no_trace() {
+    require_root();
+    let since = boottime();
+    let bin = go_fixture("mapsafe", GoToolchain::Go126, Variant::Pie);
+    let mut fixture = start_fixture(&bin, &["-mode", "locked", "-duration", "0"]);
+    let before = rate(&mut fixture, 3.0);
+    // A hit "costs" 100 ms, so every window closes at its first tick, and
+    // the gap is capped at 0.1 s: windows as fast as attach and detach go.
+    let t = Instant::now();
+    let (out, r) = attach_json(
+        fixture.pid(),
+        "churn-1000",
+        // ~12 windows a second (lock and map windows side by side).
+        &[
+            "--duration",
+            "100",
+            "--hit-cost-us",
+            "100000",
+            "--max-gap",
+            "0.1",
+            "--budget",
+            "100",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = windows(&r);
+    assert!(n >= 1000, "only {n} windows: {}", r["sampling"]);
+    assert!(fixture.running(), "the target must survive");
+    let after = rate(&mut fixture, 3.0);
+    eprintln!(
+        "{n} windows in {:.0} s; target {before:.0} writes/s before, {after:.0} after",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        after > 0.7 * before,
+        "throughput must recover: {before:.0} -> {after:.0} writes/s"
+    );
+    assert_unprobed(fixture.pid(), "after 1,000 windows");
+    assert_eq!(
+        our_programs_since(since),
+        Vec::<String>::new(),
+        "programs left in the kernel"
+    );
+    fixture.signal(libc::SIGTERM);
+    let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
+    assert!(line.ends_with("checksum=ok"), "{line}");
+}
+
+/// map-probe SIGKILLed 50 times at random moments (loading, attaching,
+/// inside windows, detaching, writing its outputs): the target survives,
+/// is left unprobed, and an output is either absent or whole.
+#[test]
+fn sigkill_at_random_moments_harms_nothing() {
+    require_root();
+    let since = boottime();
+    let bin = go_fixture("mapsafe", GoToolchain::Go126, Variant::Plain);
+    let mut fixture = start_fixture(&bin, &["-mode", "locked", "-duration", "0"]);
+    let pid = fixture.pid().to_string();
+    let json = tmp("killed.json");
+    let svg = tmp("killed.svg");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut whole = 0;
+    for i in 0..50 {
+        let _ = std::fs::remove_file(&json);
+        let _ = std::fs::remove_file(&svg);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let after = Duration::from_millis(seed % 1600);
+        let mut probe = Command::new(map_probe_bin())
+            .args([
+                "attach",
+                "--pid",
+                &pid,
+                "--duration",
+                "1",
+                "--max-gap",
+                "0.1",
+                "--budget",
+                "5",
+            ])
+            .args([
+                "--json",
+                json.to_str().unwrap(),
+                "--flamegraph",
+                svg.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(after);
+        let _ = probe.kill();
+        let _ = probe.wait();
+        assert!(
+            fixture.running(),
+            "kill {i} after {after:?}: the target died"
+        );
+        assert_unprobed(fixture.pid(), &format!("kill {i} after {after:?}"));
+        if json.exists() {
+            let text = std::fs::read_to_string(&json).unwrap();
+            serde_json::from_str::<Value>(&text).unwrap_or_else(|e| {
+                panic!("kill {i}: a partial JSON report was left in place: {e}")
+            });
+            whole += 1;
+        }
+    }
+    eprintln!("50 kills: target unharmed every time; {whole} runs had finished their JSON");
+    assert_eq!(
+        our_programs_since(since),
+        Vec::<String>::new(),
+        "programs left in the kernel"
+    );
+    fixture.signal(libc::SIGTERM);
+    let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
+    assert!(line.ends_with("checksum=ok"), "{line}");
+}
+
+/// A target that starts and ends thousands of threads and goroutines and
+/// forks children; one that exits mid-run; one that execs another program:
+/// no hang, the right exit status, outputs for the time until then.
+#[test]
+fn targets_that_churn_exit_or_exec() {
+    require_root();
+    let bin = go_fixture("churn", GoToolchain::Go126, Variant::Plain);
+    let mut busy = start_fixture(&bin, &["-duration", "60s"]);
+    let (out, r) = attach_json(
+        busy.pid(),
+        "churn-busy",
+        &["--duration", "4", "--budget", "5", "--max-gap", "0.2"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        r["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["function"] == "main.work"),
+        "{}",
+        r["sites"]
+    );
+    assert!(busy.running());
+    busy.signal(libc::SIGTERM);
+    drop(busy);
+
+    for (args, why) in [
+        (vec!["-duration", "60s", "-exit-after", "2s"], "exited"),
+        (
+            vec!["-duration", "60s", "-exec-after", "2s"],
+            "exec'd another program",
+        ),
+    ] {
+        let fixture = start_fixture(&bin, &args);
+        let t = Instant::now();
+        let (out, r) = attach_json(
+            fixture.pid(),
+            "churn-ends",
+            &["--duration", "30", "--budget", "5", "--max-gap", "0.2"],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{why}: {err}");
+        assert!(err.contains(why), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{why}: noticed late");
+        assert_eq!(r["end"], "target-exited");
+        assert!(
+            !r["sites"].as_array().unwrap().is_empty(),
+            "{why}: what was seen is kept"
+        );
+    }
+}
+
+/// On a kernel without uprobe_multi map-probe plants classic perf-event
+/// uprobes, one per point: forced here, the reports are the same.
+#[test]
+fn perf_event_uprobes_give_the_same_reports() {
+    require_root();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Pie);
+    let fixture = start_fixture(&bin, &["-duration", "60s"]);
+    let sites = |mode: &str| -> HashSet<(String, String, u64)> {
+        let path = tmp(&format!("fallback-{mode}.json"));
+        let out = Command::new(map_probe_bin())
+            .env("MAP_PROBE_UPROBE_MODE", mode)
+            .args([
+                "attach",
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "3",
+                "--budget",
+                "unlimited",
+            ])
+            .args(["--json", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read_json(&path)["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["function"].as_str().unwrap().starts_with("main."))
+            .map(|s| {
+                (
+                    s["function"].as_str().unwrap().into(),
+                    s["kind"].as_str().unwrap().into(),
+                    s["line"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let multi = sites("multi");
+    let perf = sites("perf-event");
+    assert!(multi.len() >= 5, "{multi:?}");
+    assert_eq!(multi, perf, "the two attach paths must find the same sites");
+    let doctor = Command::new(map_probe_bin())
+        .env("MAP_PROBE_UPROBE_MODE", "perf-event")
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&doctor.stdout).contains("perf-event uprobes, one per point"));
+
+    // The crash capture too.
+    let crash = go_fixture("mapcrash", GoToolchain::Go126, Variant::Plain);
+    let fixture = start_fixture(&crash, &["-delay", "2s"]);
+    let path = tmp("fallback-crash.json");
+    let out = Command::new(map_probe_bin())
+        .env("MAP_PROBE_UPROBE_MODE", "perf-event")
+        .args([
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "30",
+            "--json",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = read_json(&path);
+    let fatal = r["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["kind"] == "fatal")
+        .expect("a fatal risk");
+    assert_eq!(fatal["message"], "concurrent map writes");
+    assert!(
+        fatal["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["state"] == "throwing" && w["function"] == "main.writer"),
+        "{fatal}"
+    );
+}
+
+/// Without BTF the crash-signal capture is dropped with one line; the rest
+/// works (a sysfs tree without BTF plays the kernel).
+#[test]
+fn without_btf_only_the_crash_signals_go() {
+    require_root();
+    let fake = tmp("sysfs-without-btf");
+    let _ = std::fs::remove_dir_all(&fake);
+    let pmu = fake.join("bus/event_source/devices/uprobe");
+    std::fs::create_dir_all(&pmu).unwrap();
+    std::fs::write(pmu.join("type"), "7\n").unwrap();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Plain);
+    let fixture = start_fixture(&bin, &["-duration", "60s"]);
+    let path = tmp("no-btf.json");
+    let out = Command::new(map_probe_bin())
+        .env("MAP_PROBE_SYSFS", &fake)
+        .args([
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "2",
+            "--json",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no BTF") && err.contains("throwing goroutine"),
+        "{err}"
+    );
+    assert!(!read_json(&path)["sites"].as_array().unwrap().is_empty());
+}
+
+/// Tables that fill (shrunk here: 64 sites, 128 stacks, against a target
+/// waiting from 262,144 distinct stacks) count what they lose in `drops`,
+/// and map-probe's memory stays bounded.
+#[test]
+fn full_tables_are_counted_and_memory_stays_bounded() {
+    require_root();
+    let bin = go_fixture("manystacks", GoToolchain::Go126, Variant::Plain);
+    let fixture = start_fixture(&bin, &["-duration", "60s", "-workers", "16"]);
+    let path = tmp("full-tables.json");
+    let mut probe = Command::new(map_probe_bin())
+        .env("MAP_PROBE_MAX_SITES", "64")
+        .env("MAP_PROBE_MAX_STACKS", "128")
+        .args([
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "5",
+            "--budget",
+            "unlimited",
+            "--no-wait-time",
+        ])
+        .args(["--json", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peak_kb = 0u64;
+    while probe.try_wait().unwrap().is_none() {
+        let st =
+            std::fs::read_to_string(format!("/proc/{}/status", probe.id())).unwrap_or_default();
+        if let Some(kb) = st
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        {
+            peak_kb = peak_kb.max(kb);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(probe.wait().unwrap().success());
+    let r = read_json(&path);
+    let d = &r["drops"];
+    eprintln!(
+        "drops {d}; {} sites; peak RSS {} MB",
+        r["sites"].as_array().unwrap().len(),
+        peak_kb / 1024
+    );
+    assert!(d["stack_lost"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["site_map_full"].as_u64().unwrap() > 0, "{d}");
+    assert!(peak_kb < 100 * 1024, "map-probe used {} MB", peak_kb / 1024);
+}
+
+/// The built BPF object never calls a helper that writes user memory or
+/// signals a process: map-probe only reads.
+#[test]
+fn the_bpf_object_only_reads() {
+    let obj = newest_bpf_object();
+    let data = std::fs::read(&obj).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    use object::{Object, ObjectSection, SectionKind};
+    let mut helpers = std::collections::BTreeSet::new();
+    for s in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+        let code = s.data().unwrap();
+        for ins in code.as_chunks::<8>().0 {
+            // BPF_JMP | BPF_CALL with src_reg 0: a helper call, imm = its id.
+            if ins[0] == 0x85 && ins[1] >> 4 == 0 {
+                helpers.insert(i32::from_le_bytes([ins[4], ins[5], ins[6], ins[7]]));
+            }
+        }
+    }
+    eprintln!("{}: helpers {helpers:?}", obj.display());
+    assert!(!helpers.is_empty());
+    // bpf_probe_write_user, bpf_override_return, bpf_send_signal(_thread).
+    for forbidden in [36, 58, 109, 117] {
+        assert!(
+            !helpers.contains(&forbidden),
+            "helper {forbidden} in {}",
+            obj.display()
+        );
+    }
+}
+
+fn newest_bpf_object() -> PathBuf {
+    let build = workspace_root().join("target/release/build");
+    std::fs::read_dir(&build)
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.path().join("out/map-probe.bpf.o")))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("a built BPF object under target/release/build")
+}
+
+/// CAP_BPF and CAP_PERFMON are enough when map-probe runs as the target's
+/// own user; as root without CAP_SYS_PTRACE, a target with more privileges
+/// is refused with one line saying what is missing.
+#[test]
+fn least_privilege_is_enough() {
+    require_root();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Plain);
+    // The fixture and map-probe both as nobody; map-probe with two capabilities.
+    let mut fixture = Child::spawn_cmd(common::command(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin.to_str().unwrap(),
+            "-duration",
+            "60s",
+        ],
+    ));
+    fixture.wait_for_line("ready pid=", Duration::from_secs(10));
+    let target = fixture
+        .output_so_far()
+        .iter()
+        .find_map(|l| l.strip_prefix("ready pid=").map(str::to_string))
+        .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args([
+            "--inh-caps=-all,+bpf,+perfmon",
+            "--ambient-caps=-all,+bpf,+perfmon",
+            "--bounding-set=-all,+bpf,+perfmon",
+        ])
+        .arg(map_probe_bin())
+        .args(["attach", "--pid", &target, "--duration", "2", "--json", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["function"] == "main.hotPath"),
+        "{}",
+        r["sites"]
+    );
+
+    // Root with only the two, against a root target with every capability.
+    let root_target = start_fixture(&bin, &["-duration", "60s"]);
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all,+bpf,+perfmon"])
+        .arg(map_probe_bin())
+        .args([
+            "attach",
+            "--pid",
+            &root_target.pid().to_string(),
+            "--duration",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("CAP_SYS_PTRACE"), "{err}");
+    assert!(fixture.running());
+}
