@@ -97,10 +97,14 @@ pub fn build_sites(
         wait_ns: u64,
         max_ns: u64,
         probes: Vec<&'static str>,
-        stacks: HashMap<Vec<FrameOut>, u64>,
+        /// Index into `uniq` -> waits through that stack.
+        stacks: HashMap<usize, u64>,
     }
     let mut by_site: HashMap<(Kind, String, String, u32), Acc> = HashMap::new();
-    let mut flame: HashMap<(Kind, Vec<FrameOut>), u64> = HashMap::new();
+    // Every distinct stack once (a full table holds 16,384 of them, tens of
+    // frames each), found again by its hash; sites refer to it by index.
+    let mut uniq: Vec<StackCount> = Vec::new();
+    let mut index: HashMap<u64, usize> = HashMap::new();
     let mut incomplete = 0;
     for r in raw {
         let Some(point) = points.get(r.point) else {
@@ -140,9 +144,24 @@ pub fn build_sites(
         if !acc.probes.contains(&point.symbol) {
             acc.probes.push(point.symbol);
         }
-        *acc.stacks.entry(frames.clone()).or_default() += r.stats.count;
-        *flame.entry((kind, frames)).or_default() += r.stats.count;
+        let h = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (kind, &frames).hash(&mut h);
+            h.finish()
+        };
+        let i = *index.entry(h).or_insert_with(|| {
+            uniq.push(StackCount {
+                kind,
+                frames,
+                count: 0,
+            });
+            uniq.len() - 1
+        });
+        uniq[i].count += r.stats.count;
+        *acc.stacks.entry(i).or_default() += r.stats.count;
     }
+    drop(index);
     let scaled = |n: u64| (n as f64 * scale).round() as u64;
     let mut sites: Vec<Site> = by_site
         .into_values()
@@ -151,8 +170,11 @@ pub fn build_sites(
             let stack = a
                 .stacks
                 .into_iter()
-                .max_by(|x, y| x.1.cmp(&y.1).then_with(|| y.0.len().cmp(&x.0.len())))
-                .map(|(s, _)| s)
+                .max_by(|x, y| {
+                    x.1.cmp(&y.1)
+                        .then_with(|| uniq[y.0].frames.len().cmp(&uniq[x.0].frames.len()))
+                })
+                .map(|(i, _)| uniq[i].frames.clone())
                 .unwrap_or_default();
             Site {
                 function: a.site.function,
@@ -179,14 +201,10 @@ pub fn build_sites(
             .then(b.wait.total_ns.cmp(&a.wait.total_ns))
             .then_with(|| a.function.cmp(&b.function))
     });
-    let mut stacks: Vec<StackCount> = flame
-        .into_iter()
-        .map(|((kind, frames), n)| StackCount {
-            kind,
-            frames,
-            count: scaled(n),
-        })
-        .collect();
+    let mut stacks = uniq;
+    for s in &mut stacks {
+        s.count = scaled(s.count);
+    }
     stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
     (sites, stacks, incomplete)
 }
