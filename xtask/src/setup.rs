@@ -17,6 +17,7 @@ pub fn run() -> Result<(), String> {
     apt_packages()?;
     tracefs();
     let go = machine_go_version()?;
+    let go127 = newest_go()?;
     let go119 = version_word(
         &output_any(cmd(GO119).arg("version")).unwrap_or_default(),
         "go",
@@ -35,7 +36,7 @@ pub fn run() -> Result<(), String> {
     step(
         "setup",
         &format!(
-            "ready in {:.1}s: rust {TOOLCHAIN}, bpf-linker {linker}, go {go}, go1.19 {go119}, bpftrace {bpftrace}, wrk {wrk}",
+            "ready in {:.1}s: rust {TOOLCHAIN}, bpf-linker {linker}, go {go}, go1.19 {go119}, {go127} (GOTOOLCHAIN), bpftrace {bpftrace}, wrk {wrk}",
             t0.elapsed().as_secs_f64()
         ),
     );
@@ -250,6 +251,25 @@ fn machine_go_version() -> Result<String, String> {
         ));
     }
     Ok(v)
+}
+
+/// Go's newest release, which the tests build with through `GOTOOLCHAIN`: the machine's
+/// `go` fetches it from the Go module proxy into the module cache the first time (~10 s).
+pub const NEWEST_GO: &str = "go1.27.4";
+
+fn newest_go() -> Result<String, String> {
+    let out = output(
+        cmd(util::machine_go())
+            .arg("version")
+            .env("GOTOOLCHAIN", NEWEST_GO),
+    )
+    .ok_or_else(|| {
+        format!("`GOTOOLCHAIN={NEWEST_GO} go version` failed: is the Go module proxy reachable?")
+    })?;
+    if !out.contains(NEWEST_GO) {
+        return Err(format!("asked for {NEWEST_GO}, got `{out}`"));
+    }
+    Ok(NEWEST_GO.to_string())
 }
 
 /// The first word of `text` that starts with `prefix` followed by a digit, sans prefix.

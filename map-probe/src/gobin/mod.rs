@@ -246,7 +246,7 @@ impl GoBinary {
             },
         };
 
-        let md = Moduledata::find(&img, &pcln, sym_moduledata);
+        let md = Moduledata::find(&img, &pcln, sym_moduledata, version.minor);
         let text_start = sym_text
             .or(md.as_ref().map(|m| m.text))
             .or(Some(pcln.header_text_start).filter(|&t| t != 0))

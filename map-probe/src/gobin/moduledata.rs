@@ -9,7 +9,10 @@
 //!   text 176, etext 184, noptrdata..enoptrbss 192..248,
 //!   Go 1.18/1.19: end 256, gcdata 264, gcbss 272, types 280, etypes 288,
 //!                 rodata 296, gofunc 304;
-//!   Go 1.20+ adds covctrs/ecovctrs at 256/264, pushing gofunc to 320.
+//!   Go 1.20+ adds covctrs/ecovctrs at 256/264, pushing gofunc to 320;
+//!   Go 1.27 adds typedesclen after types and itaboffset/itabsize before
+//!   rodata, pushing gofunc to 344 (without it, inlined frames were not
+//!   expanded and every Go 1.27 site named `internal/sync/mutex.go:70`).
 
 use super::image::Image;
 use super::pclntab::{Layout, Pclntab};
@@ -18,6 +21,7 @@ const OFF_FUNCNAMETAB: u64 = 8;
 const OFF_TEXT: u64 = 176;
 const OFF_GOFUNC_GO118: u64 = 304;
 const OFF_GOFUNC_GO120: u64 = 320;
+const OFF_GOFUNC_GO127: u64 = 344;
 
 pub(crate) struct Moduledata {
     pub addr: u64,
@@ -26,9 +30,10 @@ pub(crate) struct Moduledata {
 }
 
 impl Moduledata {
-    fn read(img: &Image, addr: u64, pcln: &Pclntab) -> Option<Moduledata> {
+    fn read(img: &Image, addr: u64, pcln: &Pclntab, minor: u32) -> Option<Moduledata> {
         let gofunc_off = match pcln.layout {
             Layout::Go118 => OFF_GOFUNC_GO118,
+            Layout::Go120 if minor >= 27 => OFF_GOFUNC_GO127,
             Layout::Go120 => OFF_GOFUNC_GO120,
         };
         Some(Moduledata {
@@ -48,7 +53,13 @@ impl Moduledata {
     /// `.go.module` (Go 1.26+), then the symbol if the caller has one, then
     /// a scan for a word equal to the pclntab address: in the file images of
     /// writable segments for non-PIE, among relocation addends for PIE.
-    pub fn find(img: &Image, pcln: &Pclntab, symbol: Option<u64>) -> Option<Moduledata> {
+    /// `minor`: the Go release (1.x) the binary was built with.
+    pub fn find(
+        img: &Image,
+        pcln: &Pclntab,
+        symbol: Option<u64>,
+        minor: u32,
+    ) -> Option<Moduledata> {
         let candidates = img
             .section(".go.module")
             .map(|s| s.vaddr)
@@ -56,7 +67,7 @@ impl Moduledata {
             .chain(symbol);
         for addr in candidates {
             if Self::matches(img, addr, pcln) {
-                return Self::read(img, addr, pcln);
+                return Self::read(img, addr, pcln, minor);
             }
         }
         let mut relocated: Vec<u64> = img
@@ -67,7 +78,7 @@ impl Moduledata {
             .collect();
         relocated.sort_unstable();
         if let Some(addr) = relocated.into_iter().find(|&a| Self::matches(img, a, pcln)) {
-            return Self::read(img, addr, pcln);
+            return Self::read(img, addr, pcln, minor);
         }
         let needle = pcln.vaddr.to_le_bytes();
         for seg in img.segments.iter().filter(|s| s.write) {
@@ -79,7 +90,7 @@ impl Moduledata {
             for (i, w) in words.iter().enumerate() {
                 let addr = seg.vaddr + (skew + i * 8) as u64;
                 if *w == needle && Self::matches(img, addr, pcln) {
-                    return Self::read(img, addr, pcln);
+                    return Self::read(img, addr, pcln, minor);
                 }
             }
         }

@@ -21,6 +21,9 @@ pub enum GoToolchain {
     Go119,
     /// The machine's `go` on PATH (Go 1.26).
     Go126,
+    /// Go 1.27.4, the newest release, which the machine's `go` fetches from
+    /// the Go module proxy (`cargo xtask setup` does it once).
+    Go127,
 }
 
 impl GoToolchain {
@@ -29,9 +32,17 @@ impl GoToolchain {
     pub fn go_binary(self) -> PathBuf {
         match self {
             GoToolchain::Go119 => PathBuf::from("/usr/lib/go-1.19/bin/go"),
-            GoToolchain::Go126 => {
+            GoToolchain::Go126 | GoToolchain::Go127 => {
                 which("go").unwrap_or_else(|| PathBuf::from("/usr/local/go/bin/go"))
             }
+        }
+    }
+
+    /// What `GOTOOLCHAIN` must say for `go_binary()` to be this release.
+    pub fn gotoolchain(self) -> &'static str {
+        match self {
+            GoToolchain::Go127 => "go1.27.4",
+            _ => "local",
         }
     }
 
@@ -40,6 +51,7 @@ impl GoToolchain {
         match self {
             GoToolchain::Go119 => "go1.19",
             GoToolchain::Go126 => "go1.26",
+            GoToolchain::Go127 => "go1.27",
         }
     }
 
@@ -47,6 +59,7 @@ impl GoToolchain {
         match self {
             GoToolchain::Go119 => "go119",
             GoToolchain::Go126 => "go126",
+            GoToolchain::Go127 => "go127",
         }
     }
 }
@@ -210,7 +223,7 @@ pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
 
     let mut cmd = Command::new(go.go_binary());
     cmd.current_dir(root.join("fixtures"))
-        .env("GOTOOLCHAIN", "local")
+        .env("GOTOOLCHAIN", go.gotoolchain())
         .env("GOFLAGS", "-mod=mod")
         .stdin(Stdio::null());
     if std::env::var_os("HOME").is_none() && std::env::var_os("XDG_CACHE_HOME").is_none() {
@@ -267,7 +280,7 @@ pub fn go_version_of(go: GoToolchain, bin: &Path) -> String {
     let out = Command::new(go.go_binary())
         .arg("version")
         .arg(bin)
-        .env("GOTOOLCHAIN", "local")
+        .env("GOTOOLCHAIN", go.gotoolchain())
         .output()
         .expect("run go version");
     assert!(out.status.success(), "go version {} failed", bin.display());
