@@ -158,6 +158,97 @@ fn ranks_call_sites_on_every_kind_of_build() {
     }
 }
 
+/// Every Go release from 1.19 to the newest: the lock sites name the
+/// user's function, file and line, with the right kinds, on a stripped PIE
+/// build, and the fatal map crash is caught with the throwing writer.
+#[test]
+fn every_go_release_names_sites_and_catches_the_crash() {
+    require_root();
+    let crash_line = common::fixture_line("mapcrash", "shared[", |l| l.starts_with("shared["));
+    for go in GoToolchain::every_release() {
+        let what = format!("{go:?}");
+        let bin = go_fixture("contended", go, Variant::Stripped);
+        let fixture = start_contended(&bin, &[]);
+        let (out, r) = common::attach_json(
+            fixture.pid(),
+            &format!("release-{}", go.tag()),
+            &[
+                "--duration",
+                "2",
+                "--budget",
+                "unlimited",
+                "--no-map-writes",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            r["target"]["go_version"]
+                .as_str()
+                .unwrap()
+                .starts_with(go.version_prefix()),
+            "{what}: {}",
+            r["target"]
+        );
+        for (function, kind, stmt) in [
+            ("main.hotPath", "mutex", "hotMu.Lock()"),
+            ("main.warmPath", "mutex", "warmMu.Lock()"),
+            ("main.readConfig", "rwmutex-read", "configMu.RLock()"),
+            ("main.writeConfig", "rwmutex-write", "configMu.Lock()"),
+        ] {
+            let s = site(&r, function, kind)
+                .unwrap_or_else(|| panic!("{what}: no {kind} site in {function}: {}", r["sites"]));
+            assert!(
+                s["file"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("fixtures/contended/main.go"),
+                "{what}: {s}"
+            );
+            assert_eq!(
+                s["line"],
+                source_line(stmt),
+                "{what}: {function} should point at `{stmt}`"
+            );
+        }
+        drop(fixture);
+
+        let crash = go_fixture("mapcrash", go, Variant::Plain);
+        let fixture = Child::spawn(&crash, &["-delay", "1s"]);
+        let (out, r) = common::attach_json(
+            fixture.pid(),
+            &format!("release-crash-{}", go.tag()),
+            &["--duration", "30"],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let fatal = r["risks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["kind"] == "fatal")
+            .unwrap_or_else(|| panic!("{what}: no fatal risk: {}", r["risks"]));
+        assert_eq!(fatal["message"], "concurrent map writes", "{what}");
+        assert!(
+            fatal["writers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["state"] == "throwing"
+                    && w["function"] == "main.writer"
+                    && w["line"] == crash_line),
+            "{what}: the throwing writer at mapcrash/main.go:{crash_line}: {fatal}"
+        );
+    }
+}
+
 /// Go's own mutex profile ranks the same top three functions. It charges
 /// contention at Unlock and weighs by delay, map-probe counts waits at the
 /// waiter; each fixture function locks and unlocks its own mutex, so the
@@ -281,7 +372,7 @@ fn raw_hits_agree_with_bpftrace() {
         let pid = fixture.pid();
         let sym = match go {
             GoToolchain::Go119 => "sync.runtime_SemacquireMutex",
-            GoToolchain::Go126 | GoToolchain::Go127 => "internal/sync.runtime_SemacquireMutex",
+            _ => "internal/sync.runtime_SemacquireMutex",
         };
         // bpftrace's probe sits on the function's first instruction; ours after
         // the stack check. Only a morestack restart tells them apart.

@@ -24,15 +24,43 @@ pub enum GoToolchain {
     /// Go 1.27.4, the newest release, which the machine's `go` fetches from
     /// the Go module proxy (`cargo xtask setup` does it once).
     Go127,
+    /// Another release the machine's `go` fetches (1.20-1.25), by minor.
+    Release(u32),
+}
+
+/// The releases between Debian's 1.19 and the machine's 1.26, each minor's
+/// latest patch: (minor, GOTOOLCHAIN, version prefix, tag).
+const RELEASES: [(u32, &str, &str, &str); 6] = [
+    (20, "go1.20.14", "go1.20", "go120"),
+    (21, "go1.21.13", "go1.21", "go121"),
+    (22, "go1.22.12", "go1.22", "go122"),
+    (23, "go1.23.12", "go1.23", "go123"),
+    (24, "go1.24.13", "go1.24", "go124"),
+    (25, "go1.25.14", "go1.25", "go125"),
+];
+
+fn release(minor: u32) -> (u32, &'static str, &'static str, &'static str) {
+    *RELEASES
+        .iter()
+        .find(|r| r.0 == minor)
+        .unwrap_or_else(|| panic!("no Go 1.{minor} in the test releases"))
 }
 
 impl GoToolchain {
     pub const ALL: [GoToolchain; 2] = [GoToolchain::Go119, GoToolchain::Go126];
 
+    /// Every release from 1.19 to the newest.
+    pub fn every_release() -> Vec<GoToolchain> {
+        let mut v = vec![GoToolchain::Go119];
+        v.extend(RELEASES.iter().map(|r| GoToolchain::Release(r.0)));
+        v.extend([GoToolchain::Go126, GoToolchain::Go127]);
+        v
+    }
+
     pub fn go_binary(self) -> PathBuf {
         match self {
             GoToolchain::Go119 => PathBuf::from("/usr/lib/go-1.19/bin/go"),
-            GoToolchain::Go126 | GoToolchain::Go127 => {
+            GoToolchain::Go126 | GoToolchain::Go127 | GoToolchain::Release(_) => {
                 which("go").unwrap_or_else(|| PathBuf::from("/usr/local/go/bin/go"))
             }
         }
@@ -42,6 +70,7 @@ impl GoToolchain {
     pub fn gotoolchain(self) -> &'static str {
         match self {
             GoToolchain::Go127 => "go1.27.4",
+            GoToolchain::Release(m) => release(m).1,
             _ => "local",
         }
     }
@@ -52,6 +81,7 @@ impl GoToolchain {
             GoToolchain::Go119 => "go1.19",
             GoToolchain::Go126 => "go1.26",
             GoToolchain::Go127 => "go1.27",
+            GoToolchain::Release(m) => release(m).2,
         }
     }
 
@@ -60,6 +90,7 @@ impl GoToolchain {
             GoToolchain::Go119 => "go119",
             GoToolchain::Go126 => "go126",
             GoToolchain::Go127 => "go127",
+            GoToolchain::Release(m) => release(m).3,
         }
     }
 }
