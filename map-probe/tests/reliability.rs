@@ -186,6 +186,19 @@ fn rate(fixture: &mut Child, n: usize) -> f64 {
     rates[n / 2]
 }
 
+/// The end of a stress test on the mapsafe fixture: nothing of ours left in
+/// the kernel, and the fixture's own checksum of its work right.
+fn assert_clean_end(fixture: &mut Child, since: Duration) {
+    assert_eq!(
+        programs_left_since(since),
+        Vec::<String>::new(),
+        "programs left in the kernel"
+    );
+    fixture.signal(libc::SIGTERM);
+    let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
+    assert!(line.ends_with("checksum=ok"), "{line}");
+}
+
 /// 1,000 probe windows opened and closed on a live, busy target: it never
 /// crashes or stalls, its own checksum holds, its throughput comes back,
 /// and afterwards its code equals its file and none of our BPF programs is
@@ -234,14 +247,7 @@ fn a_thousand_windows_leave_no_trace() {
         "throughput must recover: {before:.0} -> {after:.0} writes/s"
     );
     assert_unprobed(fixture.pid(), "after 1,000 windows");
-    assert_eq!(
-        programs_left_since(since),
-        Vec::<String>::new(),
-        "programs left in the kernel"
-    );
-    fixture.signal(libc::SIGTERM);
-    let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
-    assert!(line.ends_with("checksum=ok"), "{line}");
+    assert_clean_end(&mut fixture, since);
 }
 
 /// map-probe SIGKILLed 50 times at random moments (loading, attaching,
@@ -304,14 +310,7 @@ fn sigkill_at_random_moments_harms_nothing() {
         }
     }
     eprintln!("50 kills: target unharmed every time; {whole} runs had finished their JSON");
-    assert_eq!(
-        programs_left_since(since),
-        Vec::<String>::new(),
-        "programs left in the kernel"
-    );
-    fixture.signal(libc::SIGTERM);
-    let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
-    assert!(line.ends_with("checksum=ok"), "{line}");
+    assert_clean_end(&mut fixture, since);
 }
 
 /// A target that starts and ends thousands of threads and goroutines and
