@@ -32,11 +32,19 @@ pub struct Drops {
     /// Waits whose stack never left the lock machinery (the frame-pointer
     /// walk stopped early), so no call site could be named.
     pub stack_incomplete: u64,
+    /// OTLP exports (one target's interval) not delivered: the collector
+    /// failed, was backed off from, or the capped queue was full.
+    pub otlp_exports: u64,
 }
 
 impl Drops {
     pub fn any(&self) -> bool {
-        self.stack_lost + self.site_map_full + self.inflight_full + self.stack_incomplete > 0
+        self.stack_lost
+            + self.site_map_full
+            + self.inflight_full
+            + self.stack_incomplete
+            + self.otlp_exports
+            > 0
     }
 }
 
@@ -57,6 +65,7 @@ pub fn totals(s: &[u64]) -> Totals {
             inflight_full: s[stat::INFLIGHT_FULL as usize],
             ret_unmatched: s[stat::RET_UNMATCHED as usize],
             stack_incomplete: 0,
+            otlp_exports: 0,
         },
     }
 }

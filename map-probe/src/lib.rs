@@ -4,11 +4,16 @@
 //! decides where to probe for its Go version, `probes` loads and attaches the
 //! eBPF programs, `governor` keeps their cost in budget, `aggregate` reads the
 //! kernel's counts, `symbolize` names the stacks, `sites` and `risks` build
-//! the one report model, and `report` renders it.
+//! the one report model, and `report` renders it. `session` drives one
+//! target through all of it; `export` sends its reports to an OpenTelemetry
+//! Collector (OTLP); `agent` drives many targets that `discover` finds.
 
+pub mod agent;
 pub mod aggregate;
 pub mod catalog;
+pub mod discover;
 pub mod doctor;
+pub mod export;
 pub mod gobin;
 pub mod governor;
 pub mod launch;

@@ -7,12 +7,14 @@ use std::{
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 use map_probe::{
-    catalog::{self, Purpose},
+    agent,
+    catalog::Purpose,
+    discover::Selector,
     doctor::{self, Host},
+    export::{Exporter, OtlpArgs},
     governor, launch,
-    probes::{Probes, UprobeMode},
-    report::{format::secs, RiskKind},
-    session::{self, End, Outputs, Plans},
+    report::{format::secs, Report, RiskKind},
+    session::{self, End, Outputs},
     target::{self, Target},
 };
 
@@ -53,6 +55,24 @@ enum Cmd {
         /// The program and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Watch many Go processes on this host and export what they do over
+    /// OTLP, until SIGTERM or SIGINT (a per-host daemon; see the README).
+    Agent {
+        /// Watch processes whose executable has this base name (repeatable).
+        #[arg(long = "exe", value_name = "NAME")]
+        exe: Vec<String>,
+        /// Watch this process (repeatable).
+        #[arg(long = "pid", value_name = "PID")]
+        pid: Vec<u32>,
+        /// Watch every Go process (recognised by its build info).
+        #[arg(long)]
+        all_go: bool,
+        /// Seconds between scans for new processes.
+        #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+        rescan: f64,
+        #[command(flatten)]
+        common: Common,
     },
     /// Show what this host supports (kernel, BTF, uprobes, capabilities).
     Doctor,
@@ -123,6 +143,8 @@ struct Common {
     /// its own budget).
     #[arg(long)]
     allow_second: bool,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 /// `--budget`: a share of one CPU, or no bound at all.
@@ -279,17 +301,79 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             attach(pid, &common)
         }
         Cmd::Run { common, cmd } => run(&cmd, &common),
+        Cmd::Agent {
+            exe,
+            pid,
+            all_go,
+            rescan,
+            common,
+        } => run_agent(
+            Selector {
+                pids: pid,
+                exes: exe,
+                all_go,
+            },
+            rescan,
+            &common,
+        ),
     }
+}
+
+/// Starts the OTLP export thread when an endpoint is configured.
+fn start_export(otlp: &OtlpArgs) -> Result<Option<Exporter>> {
+    otlp.config()?.map(Exporter::start).transpose()
+}
+
+/// The longest `attach` and `run` wait for their last export at the end.
+const EXPORT_FLUSH_BOUND: Duration = Duration::from_secs(5);
+
+/// Sends what is left (bounded) and counts what never arrived in the report.
+fn finish_export(export: Option<Exporter>, report: &mut Report) {
+    if let Some(ex) = export {
+        report.drops.otlp_exports = ex.shutdown(EXPORT_FLUSH_BOUND);
+    }
+}
+
+fn run_agent(select: Selector, rescan: f64, common: &Common) -> Result<ExitCode> {
+    if select.is_empty() {
+        bail!("say which processes to watch: --exe NAME, --pid PID or --all-go");
+    }
+    if common.json.is_some() || common.flamegraph.is_some() || common.folded.is_some() {
+        bail!("the agent exports over OTLP only; --json, --flamegraph and --folded are for attach and run");
+    }
+    if !(rescan.is_finite() && rescan >= 0.1) {
+        bail!("--rescan must be a number of seconds, at least 0.1");
+    }
+    let opts = common.options()?;
+    let Some(cfg) = common.otlp.config()? else {
+        bail!("the agent exports over OTLP: give --otlp-endpoint URL or set OTEL_EXPORTER_OTLP_ENDPOINT");
+    };
+    let host = Host::probe();
+    host.require()?;
+    let interval = cfg.interval;
+    let export = Exporter::start(cfg)?;
+    let cfg = agent::Config {
+        select,
+        rescan: Duration::from_secs_f64(rescan),
+        interval,
+        duration: opts.duration,
+        allow_second: common.allow_second,
+    };
+    agent::run(&cfg, &opts, &host, export)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
     let host = Host::probe();
     host.require()?;
+    let export = start_export(&common.otlp)?;
     let target = Target::from_pid(pid)?;
     let _claim = target.claim(common.allow_second)?;
-    let (plans, probes) = prepare(&target, &opts, &host)?;
-    let out = session::observe(&target, &plans, probes, &opts, None)?;
+    let (plans, probes) = session::prepare(&target, &opts, &host)?;
+    let every = export.as_ref().map(|e| (e, e.config.interval));
+    let mut out = session::observe(target, plans, probes, &opts, None, every)?;
+    finish_export(export, &mut out.report);
     session::write_outputs(&out.report, &opts.outputs)?;
     if out.end == End::TargetExited {
         let why = out
@@ -299,7 +383,7 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
             .find(|r| r.kind == RiskKind::Fatal)
             .map(|r| format!("died (fatal error: {})", r.message))
             .or_else(|| {
-                target
+                out.target
                     .replaced_by()
                     .map(|p| format!("exec'd another program ({})", p.display()))
             })
@@ -313,61 +397,9 @@ fn attach(pid: u32, common: &Common) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Decides every probe point for the target's Go version and loads the
-/// programs. The crash watch (fatal errors and the SIGURG stacks) goes in at
-/// once and stays: it costs nothing until the target is dying.
-fn prepare(target: &Target, opts: &session::Options, host: &Host) -> Result<(Plans, Probes)> {
-    let mut locks = catalog::plan(&target.bin, Purpose::LockWait)?;
-    if !opts.wait_time {
-        locks.points.iter_mut().for_each(|p| p.ret_offsets.clear());
-    }
-    let maps = match opts.maps {
-        Some(_) => Some(catalog::plan(&target.bin, Purpose::MapWrite)?),
-        None => None,
-    };
-    let fatal = catalog::plan(&target.bin, Purpose::Fatal)?;
-    for m in locks.missing.iter().chain(fatal.missing.iter()) {
-        log::info!("{m} is not in this binary (nothing in it can get there)");
-    }
-    if locks.points.is_empty() && maps.as_ref().is_none_or(|m| m.points.is_empty()) {
-        bail!(
-            "{} ({}) has no sync lock wait path or map write to probe",
-            target.exe.display(),
-            target.go_version()
-        );
-    }
-    let plans = Plans { locks, maps, fatal };
-    let goid = catalog::goid_offset(target.bin.go_version());
-    let mut probes = Probes::load(
-        target.pid,
-        target.open_path.clone(),
-        goid,
-        &plans.all(),
-        UprobeMode::for_host(),
-    )?;
-    // The PID must still name the process that was read (not a new one
-    // that reused its number) as the probes go in.
-    if !target.alive() {
-        bail!("PID {} exited before map-probe attached", target.pid);
-    }
-    if let Err(e) = probes.attach(Purpose::Fatal) {
-        if !target.alive() {
-            bail!("PID {} exited while map-probe was attaching", target.pid);
-        }
-        return Err(e);
-    }
-    if !host.crash_signals() {
-        eprintln!(
-            "map-probe: this kernel exposes no BTF: a crash will show the throwing goroutine, not the other threads' stacks"
-        );
-    } else if let Err(e) = probes.attach_crash_signals() {
-        log::warn!("{e}: a crash will show the throwing goroutine only");
-    }
-    Ok((plans, probes))
-}
-
 fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let opts = common.options()?;
+    let export = start_export(&common.otlp)?;
     let host = Host::probe();
     host.require()?;
     let exe = resolve_command(&cmd[0])?;
@@ -379,7 +411,7 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
     let pid = child.pid;
     let mut target = Target::from_spawned(pid, exe.canonicalize().unwrap_or(exe.clone()), bin);
     let prepared = (|| {
-        let (plans, mut probes) = prepare(&target, &opts, &host)?;
+        let (plans, mut probes) = session::prepare(&target, &opts, &host)?;
         // The first windows open before the program runs.
         probes.attach(Purpose::LockWait)?;
         if opts.maps.is_some() {
@@ -398,7 +430,9 @@ fn run(cmd: &[String], common: &Common) -> Result<ExitCode> {
         }
     };
     child.release();
-    let out = session::observe(&target, &plans, probes, &opts, Some(&mut child))?;
+    let every = export.as_ref().map(|e| (e, e.config.interval));
+    let mut out = session::observe(target, plans, probes, &opts, Some(&mut child), every)?;
+    finish_export(export, &mut out.report);
     let written = session::write_outputs(&out.report, &opts.outputs);
     let code = match out.end {
         End::TargetExited => child.try_wait().unwrap_or(0),

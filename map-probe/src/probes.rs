@@ -353,6 +353,18 @@ impl Probes {
         Ok(out)
     }
 
+    /// Forgets aggregated sites (the agent drops those idle for an interval,
+    /// so the fixed-size map never fills over a long run).
+    pub fn remove_sites(&mut self, keys: &[SiteKey]) -> Result<()> {
+        let mut map: PerCpuHashMap<&mut MapData, SiteKey, SiteStats> =
+            PerCpuHashMap::try_from(self.map_mut("SITES")?)?;
+        for k in keys {
+            // Already gone is fine: nothing left to forget.
+            let _ = map.remove(k);
+        }
+        Ok(())
+    }
+
     /// How many distinct sites the kernel holds so far (for the live status).
     pub fn site_count(&self) -> usize {
         self.map("SITES")

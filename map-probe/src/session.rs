@@ -1,9 +1,15 @@
-//! One observation run: open and close probe windows under the governors
-//! (one for lock waits, one for map writes) until the duration ends, a
-//! signal arrives or the target exits, keep the crash watch on throughout,
-//! then turn what the kernel aggregated into every requested output.
+//! One observation of one target: open and close probe windows under the
+//! governors (one for lock waits, one for map writes), keep the crash watch
+//! on throughout, and turn what the kernel aggregated into `Report`s.
+//!
+//! [`Observation`] is steppable so that one loop can drive several targets
+//! (the agent) as well as one (`attach`, `run`): `tick` takes one governor
+//! step, `snapshot` reports the whole run so far, `interval` reports what
+//! changed since its last call (for OTLP export), and `close` detaches.
+//! [`observe`] is the one-target loop of `attach` and `run`.
 
 use std::{
+    collections::HashMap,
     fs,
     io::{IsTerminal, Write},
     path::{Path, PathBuf},
@@ -11,15 +17,17 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use map_probe_common::stat;
+use map_probe_common::{stat, SiteKey, SiteStats};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate,
-    catalog::{Plan, Purpose},
+    aggregate::{self, RawSite},
+    catalog::{self, Plan, Purpose},
+    doctor::Host,
+    export::Exporter,
     governor::{self, Decision, Governor},
-    probes::Probes,
-    report::{self, MapSampling, Report, Sampling, TargetInfo},
+    probes::{Probes, UprobeMode},
+    report::{self, MapSampling, Report, Risk, Sampling, TargetInfo},
     risks::{self, Clock},
     sites,
     symbolize::Symbolizer,
@@ -88,6 +96,8 @@ impl Plans {
 pub struct Outcome {
     pub end: End,
     pub report: Report,
+    /// The target, handed back (the probes are gone by now).
+    pub target: Target,
 }
 
 /// How often the loop looks at the counters: often while a window is open,
@@ -132,46 +142,474 @@ impl Governed {
     }
 }
 
+/// What one governor step found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Call `tick` again after this long.
+    Next(Duration),
+    /// The target is gone (exited, or died while a probe went in).
+    Gone,
+}
+
+/// Where the last interval ended: what `interval` subtracts.
+struct Mark {
+    at: Instant,
+    unix_nanos: u64,
+    /// Attached time per governed set, and windows opened, at `at`.
+    attached: Vec<Duration>,
+    windows: Vec<u32>,
+    stats: [u64; stat::COUNT as usize],
+    /// Kernel site entries as last read, by (probe, stack id, caller).
+    sites: HashMap<(u32, i32, u64), SiteStats>,
+    /// Risks already reported, by identity, with the count then.
+    risks: HashMap<String, u64>,
+}
+
+pub struct Observation {
+    pub target: Target,
+    plans: Plans,
+    probes: Probes,
+    sets: Vec<Governed>,
+    start: Instant,
+    clock: Clock,
+    mark: Mark,
+    /// `--duration` and `--budget`, as the reports state them.
+    requested: Option<Duration>,
+    budget_total: Option<f64>,
+    /// Delete kernel site entries that stayed idle for a whole interval
+    /// (the agent: the fixed-size map must not fill over days).
+    pub evict_idle: bool,
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Observation {
+    /// Starts governing `probes` (loaded and, for `run`, maybe already
+    /// attached) on `target`.
+    pub fn new(target: Target, plans: Plans, probes: Probes, opts: &Options) -> Observation {
+        let start = Instant::now();
+        let clock = Clock::now();
+        let mut sets = vec![Governed {
+            purpose: Purpose::LockWait,
+            gov: Governor::new(opts.locks, start),
+            counters: [stat::HITS, stat::RET_HITS],
+        }];
+        if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
+            sets.push(Governed {
+                purpose: Purpose::MapWrite,
+                gov: Governor::new(cfg, start),
+                counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
+            });
+        }
+        for s in &mut sets {
+            if probes.attached(s.purpose) {
+                // `run` opened the first windows before the program's first instruction.
+                s.gov.attached_at(start, start, 0);
+            }
+        }
+        let mark = Mark {
+            at: start,
+            unix_nanos: unix_nanos(),
+            attached: vec![Duration::ZERO; sets.len()],
+            windows: vec![0; sets.len()],
+            stats: [0; stat::COUNT as usize],
+            sites: HashMap::new(),
+            risks: HashMap::new(),
+        };
+        Observation {
+            target,
+            plans,
+            probes,
+            sets,
+            start,
+            clock,
+            mark,
+            requested: opts.duration,
+            budget_total: opts.budget_total,
+            evict_idle: false,
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        self.target.alive()
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// One governor step for every probe set.
+    pub fn tick(&mut self, now: Instant) -> Result<Step> {
+        self.probes.flush_logs();
+        let stats = self.probes.stats()?;
+        for s in &mut self.sets {
+            if let Err(e) = s.step(&mut self.probes, now, &stats) {
+                // The target may have exited between the check and the attach.
+                if !self.target.alive() {
+                    return Ok(Step::Gone);
+                }
+                return Err(e);
+            }
+        }
+        let open = |p: Option<Purpose>| {
+            self.sets
+                .iter()
+                .any(|s| s.gov.is_open() && p.is_none_or(|p| s.purpose == p))
+        };
+        Ok(Step::Next(if open(Some(Purpose::MapWrite)) {
+            TICK_MAP_OPEN
+        } else if open(None) {
+            TICK_OPEN
+        } else {
+            TICK_CLOSED
+        }))
+    }
+
+    /// Closes every open window (the crash watch stays until drop).
+    pub fn close(&mut self) -> Result<()> {
+        for s in &mut self.sets {
+            s.close(&mut self.probes)?;
+        }
+        self.probes.flush_logs();
+        Ok(())
+    }
+
+    /// The whole run so far.
+    pub fn snapshot(&self, end: End) -> Result<Report> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.start);
+        let stats = self.probes.stats()?;
+        let raw = aggregate::collect(&self.probes)?;
+        let locks = &self.sets[0].gov;
+        let scale = locks.scale(elapsed, now);
+        let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
+        let risks = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
+        let attached: Vec<Duration> = self
+            .sets
+            .iter()
+            .map(|s| s.gov.attached_time(now).min(elapsed))
+            .collect();
+        let windows: Vec<u32> = self.sets.iter().map(|s| s.gov.windows).collect();
+        let start_unix = self.clock_start_unix();
+        Ok(self.build(Span {
+            sym: &mut sym,
+            raw: &raw,
+            stats: &stats,
+            start_unix,
+            elapsed,
+            attached: &attached,
+            windows: &windows,
+            scale,
+            end: end.as_str(),
+            risks,
+        }))
+    }
+
+    /// What happened since the last call (or the start): sites with their
+    /// waits in this interval, risks that are new or recurred, counters as
+    /// deltas. `end` is None while the observation goes on.
+    pub fn interval(&mut self, end: Option<End>) -> Result<Report> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.mark.at);
+        let stats = self.probes.stats()?;
+        let mut delta_stats = stats;
+        for (d, p) in delta_stats.iter_mut().zip(self.mark.stats.iter()) {
+            *d = d.saturating_sub(*p);
+        }
+        let (raw, idle) = self.site_deltas()?;
+        if self.evict_idle && !idle.is_empty() {
+            for k in &idle {
+                self.mark.sites.remove(&(k.probe, k.stack_id, k.caller));
+            }
+            self.probes.remove_sites(&idle)?;
+        }
+        let attached_now: Vec<Duration> =
+            self.sets.iter().map(|s| s.gov.attached_time(now)).collect();
+        let windows_now: Vec<u32> = self.sets.iter().map(|s| s.gov.windows).collect();
+        let attached: Vec<Duration> = attached_now
+            .iter()
+            .zip(&self.mark.attached)
+            .map(|(n, p)| n.saturating_sub(*p).min(elapsed))
+            .collect();
+        let windows: Vec<u32> = windows_now
+            .iter()
+            .zip(&self.mark.windows)
+            .map(|(n, p)| n.saturating_sub(*p))
+            .collect();
+        let governed = self.sets[0].gov.config().budget.is_some();
+        let scale = if !governed || attached[0].is_zero() {
+            1.0
+        } else {
+            (elapsed.as_secs_f64() / attached[0].as_secs_f64()).max(1.0)
+        };
+        let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
+        let all = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
+        let risks = new_risks(&mut self.mark.risks, all);
+        let start_unix = self.mark.unix_nanos;
+        let report = self.build(Span {
+            sym: &mut sym,
+            raw: &raw,
+            stats: &delta_stats,
+            start_unix,
+            elapsed,
+            attached: &attached,
+            windows: &windows,
+            scale,
+            end: end.map_or("running", End::as_str),
+            risks,
+        });
+        self.mark.at = now;
+        self.mark.unix_nanos = start_unix + elapsed.as_nanos() as u64;
+        self.mark.attached = attached_now;
+        self.mark.windows = windows_now;
+        self.mark.stats = stats;
+        Ok(report)
+    }
+
+    /// Kernel sites with their growth since the last interval, and the keys
+    /// that did not grow.
+    fn site_deltas(&mut self) -> Result<(Vec<RawSite>, Vec<SiteKey>)> {
+        let mut raw = Vec::new();
+        let mut idle = Vec::new();
+        for (key, now) in self.probes.sites()? {
+            let id = (key.probe, key.stack_id, key.caller);
+            let prev = self.mark.sites.insert(id, now).unwrap_or_default();
+            let d = SiteStats {
+                count: now.count.saturating_sub(prev.count),
+                timed: now.timed.saturating_sub(prev.timed),
+                wait_ns: now.wait_ns.saturating_sub(prev.wait_ns),
+                max_wait_ns: now.max_wait_ns,
+            };
+            if d.count == 0 && d.timed == 0 {
+                idle.push(key);
+                continue;
+            }
+            if d.count == 0 {
+                continue;
+            }
+            let (pcs, first_is_ip) = self.probes.stack_at_entry(key.stack_id, key.caller);
+            raw.push(RawSite {
+                point: key.probe as usize,
+                pcs,
+                first_is_ip,
+                stats: d,
+            });
+        }
+        Ok((raw, idle))
+    }
+
+    fn clock_start_unix(&self) -> u64 {
+        // The mark started at `start` with the same clock reading.
+        let since = self.mark.at.duration_since(self.start).as_nanos() as u64;
+        self.mark.unix_nanos.saturating_sub(since)
+    }
+
+    fn build(&self, s: Span) -> Report {
+        let target = &self.target;
+        let (sites, stacks, incomplete) =
+            sites::build_sites(s.raw, &self.plans.locks.points, s.sym, s.scale);
+        let totals = aggregate::totals(s.stats);
+        let cfg = self.sets[0].gov.config();
+        let map_writes = self
+            .sets
+            .iter()
+            .zip(s.attached.iter().zip(s.windows))
+            .find(|(set, _)| set.purpose == Purpose::MapWrite)
+            .map(|(set, (attached, windows))| MapSampling {
+                attached_secs: attached.as_secs_f64(),
+                windows: *windows,
+                raw_hits: s.stats[stat::MAP_HITS as usize],
+                raw_ret_hits: s.stats[stat::MAP_RET_HITS as usize],
+                budget_cpu_percent: set.gov.config().budget.map(|b| b * 100.0),
+                window_ms: set.gov.config().window.as_millis() as u64,
+                last_rate_per_sec: set.gov.last_rate,
+                unmatched_rets: s.stats[stat::MAP_RET_UNMATCHED as usize],
+                overlap_candidates: s.stats[stat::OVERLAP_CANDIDATES as usize],
+            });
+        let mut drops = totals.drops;
+        drops.stack_incomplete = incomplete;
+        Report {
+            target: TargetInfo {
+                pid: target.pid,
+                exe: target.exe.display().to_string(),
+                go_version: target.go_version().to_string(),
+                module: target.bin.main_module().map(str::to_string),
+                stripped: !target.bin.has_symtab(),
+                pie: target.bin.is_pie(),
+            },
+            sampling: Sampling {
+                requested_secs: self.requested.map(|d| d.as_secs_f64()),
+                start_unix_nanos: s.start_unix,
+                elapsed_secs: s.elapsed.as_secs_f64(),
+                attached_secs: s.attached[0].as_secs_f64(),
+                windows: s.windows[0],
+                raw_hits: totals.hits,
+                raw_ret_hits: totals.ret_hits,
+                scale: s.scale,
+                method: if cfg.budget.is_some() {
+                    "windows: probes attached while their estimated cost fits the budget; counts scaled by elapsed/attached".into()
+                } else {
+                    "continuous: probes attached for the whole run (--budget unlimited); counts are raw"
+                        .into()
+                },
+                budget_cpu_percent: self.budget_total.map(|b| b * 100.0),
+                lock_budget_cpu_percent: cfg.budget.map(|b| b * 100.0),
+                hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
+                window_ms: cfg.window.as_millis() as u64,
+                map_writes,
+            },
+            probes: sites::probe_hits(s.raw, &self.plans.locks.points),
+            drops,
+            end: s.end.into(),
+            sites,
+            risks: s.risks,
+            stacks,
+        }
+    }
+
+    fn status_line(&self, now: Instant, total: Option<Duration>, ui: &Ui) {
+        let Ok(stats) = self.probes.stats() else {
+            return;
+        };
+        let elapsed = now.duration_since(self.start);
+        let sites = self.probes.site_count();
+        let drops = stats[stat::STACK_LOST as usize] + stats[stat::AGG_FULL as usize];
+        let events = stats[stat::HITS as usize];
+        let of = total.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64()));
+        let gov = &self.sets[0].gov;
+        let attached = gov.attached_time(now).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
+        let mut out = ui.lock();
+        let _ = write!(
+            out,
+            "\r\x1b[Kmap-probe: {sites} sites, {events} events, {drops} drops, {:.1}s{of}, lock probes attached {:.0}%",
+            elapsed.as_secs_f64(),
+            attached * 100.0
+        );
+        let _ = out.flush();
+    }
+}
+
+/// The risks not reported before, or seen again since (`seen` holds each
+/// risk's count when last reported).
+fn new_risks(seen: &mut HashMap<String, u64>, all: Vec<Risk>) -> Vec<Risk> {
+    let mut out = Vec::new();
+    for r in all {
+        let writers: Vec<String> = r
+            .writers
+            .iter()
+            .map(|w| format!("{}:{}:{}", w.function, w.file, w.line))
+            .collect();
+        let id = format!("{:?}|{:?}|{}", r.kind, r.map, writers.join(","));
+        let before = seen.insert(id, r.count);
+        if before.is_none_or(|c| c < r.count) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// The pieces of one report besides what the observation holds.
+struct Span<'a, 'b, 'c> {
+    sym: &'a mut Symbolizer<'c>,
+    raw: &'b [RawSite],
+    stats: &'b [u64],
+    start_unix: u64,
+    elapsed: Duration,
+    attached: &'b [Duration],
+    windows: &'b [u32],
+    scale: f64,
+    end: &'static str,
+    risks: Vec<Risk>,
+}
+
+/// Decides every probe point for the target's Go version and loads the
+/// programs. The crash watch (fatal errors and the SIGURG stacks) goes in at
+/// once and stays: it costs nothing until the target is dying.
+pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, Probes)> {
+    let mut locks = catalog::plan(&target.bin, Purpose::LockWait)?;
+    if !opts.wait_time {
+        locks.points.iter_mut().for_each(|p| p.ret_offsets.clear());
+    }
+    let maps = match opts.maps {
+        Some(_) => Some(catalog::plan(&target.bin, Purpose::MapWrite)?),
+        None => None,
+    };
+    let fatal = catalog::plan(&target.bin, Purpose::Fatal)?;
+    for m in locks.missing.iter().chain(fatal.missing.iter()) {
+        log::info!("{m} is not in this binary (nothing in it can get there)");
+    }
+    if locks.points.is_empty() && maps.as_ref().is_none_or(|m| m.points.is_empty()) {
+        bail!(
+            "{} ({}) has no sync lock wait path or map write to probe",
+            target.exe.display(),
+            target.go_version()
+        );
+    }
+    let plans = Plans { locks, maps, fatal };
+    let goid = catalog::goid_offset(target.bin.go_version());
+    let mut probes = Probes::load(
+        target.pid,
+        target.open_path.clone(),
+        goid,
+        &plans.all(),
+        UprobeMode::for_host(),
+    )?;
+    // The PID must still name the process that was read (not a new one
+    // that reused its number) as the probes go in.
+    if !target.alive() {
+        bail!("PID {} exited before map-probe attached", target.pid);
+    }
+    if let Err(e) = probes.attach(Purpose::Fatal) {
+        if !target.alive() {
+            bail!("PID {} exited while map-probe was attaching", target.pid);
+        }
+        return Err(e);
+    }
+    if !host.crash_signals() {
+        eprintln!(
+            "map-probe: this kernel exposes no BTF: a crash will show the throwing goroutine, not the other threads' stacks"
+        );
+    } else if let Err(e) = probes.attach_crash_signals() {
+        log::warn!("{e}: a crash will show the throwing goroutine only");
+    }
+    Ok((plans, probes))
+}
+
+/// Windows must close on time even when the target saturates every CPU: a
+/// late tick is paid for by the target, in traps.
+pub fn raise_priority() {
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+}
+
+/// The one-target loop of `attach` and `run`: until the duration ends, a
+/// signal arrives or the target exits. With an exporter, every `interval`
+/// (and the last stretch at the end) goes out over OTLP too.
 pub fn observe(
-    target: &Target,
-    plans: &Plans,
-    mut probes: Probes,
+    target: Target,
+    plans: Plans,
+    probes: Probes,
     opts: &Options,
     mut child: Option<&mut dyn Child>,
+    export: Option<(&Exporter, Duration)>,
 ) -> Result<Outcome> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let start = Instant::now();
-    let clock = Clock::now();
-    let mut sets = vec![Governed {
-        purpose: Purpose::LockWait,
-        gov: Governor::new(opts.locks, start),
-        counters: [stat::HITS, stat::RET_HITS],
-    }];
-    if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
-        sets.push(Governed {
-            purpose: Purpose::MapWrite,
-            gov: Governor::new(cfg, start),
-            counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
-        });
-    }
-    for s in &mut sets {
-        if probes.attached(s.purpose) {
-            // `run` opened the first windows before the program's first instruction.
-            s.gov.attached_at(start, start, 0);
-        }
-    }
+    let mut obs = Observation::new(target, plans, probes, opts);
     let ui = opts.outputs.ui();
     let tty = ui.is_terminal();
-    // Windows must close on time even when the target saturates every CPU:
-    // a late tick is paid for by the target, in traps.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+    raise_priority();
+    let start = Instant::now();
     let end = rt.block_on(async {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut next_tick = TICK_CLOSED;
         let mut last_status = start;
+        let mut last_export = start;
         let end = loop {
             tokio::select! {
                 _ = int.recv() => break End::Interrupted(libc::SIGINT),
@@ -181,7 +619,7 @@ pub fn observe(
             let now = Instant::now();
             let exited = match child.as_deref_mut() {
                 Some(c) => c.exited().is_some(),
-                None => !target.alive(),
+                None => !obs.alive(),
             };
             if exited {
                 break End::TargetExited;
@@ -192,151 +630,36 @@ pub fn observe(
             {
                 break End::Duration;
             }
-            probes.flush_logs();
-            let stats = probes.stats()?;
-            for s in &mut sets {
-                if let Err(e) = s.step(&mut probes, now, &stats) {
-                    // The target may have exited between the check and the attach.
-                    if !target.alive() {
-                        return Ok(End::TargetExited);
-                    }
-                    return Err(e);
+            match obs.tick(now)? {
+                Step::Next(d) => next_tick = d,
+                Step::Gone => break End::TargetExited,
+            }
+            if let Some((ex, every)) = export {
+                if now.duration_since(last_export) >= every {
+                    last_export = now;
+                    ex.send(obs.interval(None)?);
                 }
             }
-            next_tick = if sets
-                .iter()
-                .any(|s| s.purpose == Purpose::MapWrite && s.gov.is_open())
-            {
-                TICK_MAP_OPEN
-            } else if sets.iter().any(|s| s.gov.is_open()) {
-                TICK_OPEN
-            } else {
-                TICK_CLOSED
-            };
             if tty && now.duration_since(last_status) >= Duration::from_millis(250) {
                 last_status = now;
-                status_line(
-                    &probes,
-                    &sets[0].gov,
-                    start,
-                    now,
-                    opts.duration,
-                    &stats,
-                    &ui,
-                );
+                obs.status_line(now, opts.duration, &ui);
             }
         };
         anyhow::Ok(end)
     })?;
-    for s in &mut sets {
-        s.close(&mut probes)?;
-    }
-    probes.flush_logs();
+    obs.close()?;
     if tty {
         let _ = write!(ui.lock(), "\r\x1b[K");
     }
-    let elapsed = start.elapsed();
-    let report = build_report(target, plans, &probes, &sets, opts, elapsed, end, clock)?;
-    Ok(Outcome { end, report })
-}
-
-fn status_line(
-    probes: &Probes,
-    gov: &Governor,
-    start: Instant,
-    now: Instant,
-    total: Option<Duration>,
-    stats: &[u64],
-    ui: &Ui,
-) {
-    let elapsed = now.duration_since(start);
-    let sites = probes.site_count();
-    let drops = stats[stat::STACK_LOST as usize] + stats[stat::AGG_FULL as usize];
-    let events = stats[stat::HITS as usize];
-    let of = total.map_or(String::new(), |d| format!("/{:.0}s", d.as_secs_f64()));
-    let attached = gov.attached_time(now).as_secs_f64() / elapsed.as_secs_f64().max(1e-9);
-    let mut out = ui.lock();
-    let _ = write!(
-        out,
-        "\r\x1b[Kmap-probe: {sites} sites, {events} events, {drops} drops, {:.1}s{of}, lock probes attached {:.0}%",
-        elapsed.as_secs_f64(),
-        attached * 100.0
-    );
-    let _ = out.flush();
-}
-
-#[allow(clippy::too_many_arguments)]
-fn build_report(
-    target: &Target,
-    plans: &Plans,
-    probes: &Probes,
-    sets: &[Governed],
-    opts: &Options,
-    elapsed: Duration,
-    end: End,
-    clock: Clock,
-) -> Result<Report> {
-    let now = Instant::now();
-    let stats = probes.stats()?;
-    let totals = aggregate::totals(&stats);
-    let raw = aggregate::collect(probes)?;
-    let locks = &sets[0].gov;
-    let scale = locks.scale(elapsed, now);
-    let mut sym = Symbolizer::new(&target.bin, target.bias);
-    let (sites, stacks, incomplete) =
-        sites::build_sites(&raw, &plans.locks.points, &mut sym, scale);
-    let risks = risks::collect(probes, plans.maps.as_ref(), &mut sym, clock)?;
-    let cfg = locks.config();
-    let map_writes = sets
-        .iter()
-        .find(|s| s.purpose == Purpose::MapWrite)
-        .map(|s| MapSampling {
-            attached_secs: s.gov.attached_time(now).as_secs_f64(),
-            windows: s.gov.windows,
-            raw_hits: stats[stat::MAP_HITS as usize],
-            raw_ret_hits: stats[stat::MAP_RET_HITS as usize],
-            budget_cpu_percent: s.gov.config().budget.map(|b| b * 100.0),
-            window_ms: s.gov.config().window.as_millis() as u64,
-            last_rate_per_sec: s.gov.last_rate,
-            unmatched_rets: stats[stat::MAP_RET_UNMATCHED as usize],
-            overlap_candidates: stats[stat::OVERLAP_CANDIDATES as usize],
-        });
-    let mut drops = totals.drops;
-    drops.stack_incomplete = incomplete;
-    Ok(Report {
-        target: TargetInfo {
-            pid: target.pid,
-            exe: target.exe.display().to_string(),
-            go_version: target.go_version().to_string(),
-            stripped: !target.bin.has_symtab(),
-            pie: target.bin.is_pie(),
-        },
-        sampling: Sampling {
-            requested_secs: opts.duration.map(|d| d.as_secs_f64()),
-            elapsed_secs: elapsed.as_secs_f64(),
-            attached_secs: locks.attached_time(now).min(elapsed).as_secs_f64(),
-            windows: locks.windows,
-            raw_hits: totals.hits,
-            raw_ret_hits: totals.ret_hits,
-            scale,
-            method: if cfg.budget.is_some() {
-                "windows: probes attached while their estimated cost fits the budget; counts scaled by elapsed/attached".into()
-            } else {
-                "continuous: probes attached for the whole run (--budget unlimited); counts are raw"
-                    .into()
-            },
-            budget_cpu_percent: opts.budget_total.map(|b| b * 100.0),
-            lock_budget_cpu_percent: cfg.budget.map(|b| b * 100.0),
-            hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
-            window_ms: cfg.window.as_millis() as u64,
-            map_writes,
-        },
-        probes: sites::probe_hits(&raw, &plans.locks.points),
-        drops,
-        end: end.as_str().into(),
-        sites,
-        risks,
-        stacks,
+    if let Some((ex, _)) = export {
+        ex.send(obs.interval(Some(end))?);
+    }
+    let report = obs.snapshot(end)?;
+    let Observation { target, .. } = obs;
+    Ok(Outcome {
+        end,
+        report,
+        target,
     })
 }
 

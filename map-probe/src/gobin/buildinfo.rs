@@ -1,4 +1,5 @@
-//! The Go version recorded in `.go.buildinfo` (format: `debug/buildinfo`).
+//! The Go version and the main module recorded in `.go.buildinfo` (format:
+//! `debug/buildinfo`).
 
 use super::image::Image;
 use super::GoVersion;
@@ -48,6 +49,33 @@ pub(crate) fn version_string(img: &Image) -> Option<String> {
     Some(String::from_utf8_lossy(s).into_owned())
 }
 
+/// The main module's path (the `mod` line of the module info, e.g.
+/// "github.com/acme/shop"), or None when the binary was built without
+/// module support or has no buildinfo. Go 1.18+ layout only (inline strings).
+pub(crate) fn main_module(img: &Image) -> Option<String> {
+    let at = find(img)?;
+    let hdr = img.bytes(at, 32)?;
+    if &hdr[..14] != MAGIC || hdr[15] & FLAG_INLINE_STRINGS == 0 {
+        return None;
+    }
+    let rest = img.bytes_from(at + 32)?;
+    let (vlen, n) = uvarint(rest)?;
+    let rest = rest.get(n.checked_add(usize::try_from(vlen).ok()?)?..)?;
+    let (mlen, n) = uvarint(rest)?;
+    let info = rest.get(n..n.checked_add(usize::try_from(mlen).ok()?)?)?;
+    module_line(&String::from_utf8_lossy(info))
+}
+
+/// The path on the `mod\t<path>\t<version>\t<sum>` line of a module info
+/// string (which starts and ends with 16-byte sentinels, skipped here).
+fn module_line(info: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("mod\t"))
+        .and_then(|rest| rest.split('\t').next())
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+}
+
 pub(crate) fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, &byte) in b.iter().enumerate().take(10) {
@@ -93,6 +121,13 @@ mod tests {
     fn v(s: &str) -> (u32, u32, u32) {
         let v = parse_version(s).unwrap();
         (v.major, v.minor, v.patch)
+    }
+
+    #[test]
+    fn module_path_from_the_mod_line() {
+        let info = "0w\u{af}\u{c}\u{92}t\u{8}\u{2}A\npath\tmapprobe/fixtures/contended\nmod\tmapprobe/fixtures\t(devel)\t\nbuild\t-compiler=gc\n";
+        assert_eq!(module_line(info).as_deref(), Some("mapprobe/fixtures"));
+        assert_eq!(module_line("path\tcommand-line-arguments\n"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   pub fn open(path: &Path) -> Result<GoBinary, GoBinError>;
 //!   pub fn parse(data: Vec<u8>, path: &Path) -> Result<GoBinary, GoBinError>;
 //!   pub fn go_version(&self) -> &GoVersion;
+//!   pub fn main_module(&self) -> Option<&str>; // the `mod` path in .go.buildinfo
 //!   pub fn has_symtab(&self) -> bool;          // false when .symtab is stripped
 //!   pub fn is_pie(&self) -> bool;              // ET_DYN
 //!   pub fn text_start(&self) -> u64;           // runtime.text (link-time vaddr)
@@ -141,6 +142,21 @@ impl std::error::Error for GoBinError {
     }
 }
 
+/// Whether `path` is a Go executable, judged by its `.go.buildinfo` alone
+/// (cheap next to [`GoBinary::open`]: no pclntab parsing). For the agent's
+/// `--all-go` scan.
+pub fn has_go_buildinfo(path: &Path) -> bool {
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    let Ok(file) = ElfFile64::parse(data.as_slice()) else {
+        return false;
+    };
+    let layout = Image::layout_of(&file);
+    drop(file);
+    buildinfo::version_string(&layout.with_data(data)).is_some()
+}
+
 /// A functab row with its address resolved.
 struct FuncEntry {
     entry: u64,
@@ -151,6 +167,7 @@ pub struct GoBinary {
     path: PathBuf,
     img: Image,
     version: GoVersion,
+    main_module: Option<String>,
     has_symtab: bool,
     is_pie: bool,
     text_start: u64,
@@ -205,6 +222,7 @@ impl GoBinary {
         let img = layout.with_data(data);
 
         let raw_version = buildinfo::version_string(&img);
+        let main_module = buildinfo::main_module(&img);
         let pcln = find_pclntab(&img, sym_pclntab);
         let (raw_version, pcln) = match (raw_version, pcln) {
             (None, Err(PclnError::Corrupt(_))) => {
@@ -283,6 +301,7 @@ impl GoBinary {
             path: path.to_path_buf(),
             img,
             version,
+            main_module,
             has_symtab,
             is_pie,
             text_start,
@@ -302,6 +321,12 @@ impl GoBinary {
 
     pub fn go_version(&self) -> &GoVersion {
         &self.version
+    }
+
+    /// The main module's path from the build info (`mapprobe/fixtures`,
+    /// `github.com/acme/shop`), when the binary was built in module mode.
+    pub fn main_module(&self) -> Option<&str> {
+        self.main_module.as_deref()
     }
 
     pub fn has_symtab(&self) -> bool {

@@ -36,6 +36,8 @@ pub struct TargetInfo {
     pub pid: u32,
     pub exe: String,
     pub go_version: String,
+    /// The main module's path from the build info, when there is one.
+    pub module: Option<String>,
     pub stripped: bool,
     pub pie: bool,
 }
@@ -44,6 +46,8 @@ pub struct TargetInfo {
 pub struct Sampling {
     /// `--duration`, when one was given.
     pub requested_secs: Option<f64>,
+    /// When the time this report covers began (Unix time, ns).
+    pub start_unix_nanos: u64,
     /// Wall time from the first attach to the end.
     pub elapsed_secs: f64,
     /// Time the probes were in place.

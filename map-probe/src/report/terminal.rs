@@ -63,6 +63,9 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
             "drops: {} event(s) lost (site map full), {} stack(s) lost, {} stack(s) cut short in the lock machinery, {} wait(s) untimed",
             d.site_map_full, d.stack_lost, d.stack_incomplete, d.inflight_full
         )?;
+        if d.otlp_exports > 0 {
+            writeln!(out, "drops: {} OTLP export(s) undelivered", d.otlp_exports)?;
+        }
     } else {
         writeln!(out, "drops: none")?;
     }
