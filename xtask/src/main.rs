@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod demo;
 mod fuzz;
+mod otelcol;
 mod setup;
 mod test;
 mod util;
@@ -16,7 +17,8 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
-  setup            install the pinned Rust, bpf-linker, Go 1.19, bpftrace, wrk, caddy (idempotent)
+  setup            install the pinned Rust, bpf-linker, Go 1.19, bpftrace, wrk, caddy and build
+                   the pinned OpenTelemetry Collector the tests use (idempotent)
   build [args]     setup, then cargo build --release -p map-probe [args]
   test [-- filter] setup, fmt --check, clippy -D warnings, cargo test (needs root)
   demo             build, run the contended Go fixture and attach map-probe to it (needs root)

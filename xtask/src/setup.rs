@@ -18,6 +18,7 @@ pub fn run() -> Result<(), String> {
     tracefs();
     let go = machine_go_version()?;
     let go127 = newest_go()?;
+    let otelcol = crate::otelcol::ensure()?;
     let go119 = version_word(
         &output_any(cmd(GO119).arg("version")).unwrap_or_default(),
         "go",
@@ -36,7 +37,7 @@ pub fn run() -> Result<(), String> {
     step(
         "setup",
         &format!(
-            "ready in {:.1}s: rust {TOOLCHAIN}, bpf-linker {linker}, go {go}, go1.19 {go119}, {go127} (GOTOOLCHAIN), bpftrace {bpftrace}, wrk {wrk}",
+            "ready in {:.1}s: rust {TOOLCHAIN}, bpf-linker {linker}, go {go}, go1.19 {go119}, {go127} (GOTOOLCHAIN), bpftrace {bpftrace}, wrk {wrk}, otelcol {otelcol}",
             t0.elapsed().as_secs_f64()
         ),
     );

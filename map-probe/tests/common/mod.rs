@@ -531,10 +531,257 @@ pub fn race_write_sites(report: &str) -> std::collections::HashSet<(String, u64)
     sites
 }
 
+/// The pinned OpenTelemetry Collector that `cargo xtask setup` builds (see
+/// `xtask/src/otelcol.rs`): `$CARGO_HOME/map-probe-otelcol/0.161.0/otelcol-map-probe`.
+pub fn otelcol_bin() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
+    let bin = home.join("map-probe-otelcol/0.161.0/otelcol-map-probe");
+    assert!(
+        bin.is_file(),
+        "no collector at {}: run `cargo xtask setup`",
+        bin.display()
+    );
+    bin
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// A real OpenTelemetry Collector with an OTLP receiver (gRPC and HTTP on
+/// free ports) and a file exporter, in its own folder under
+/// `target/test-out/`. What it received is read back as OTLP/JSON lines.
+/// Dropping it stops it.
+pub struct Collector {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Collector {
+    pub fn start(name: &str) -> Collector {
+        let dir = tmp(&format!("otelcol-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Collector {
+            grpc_port: free_port(),
+            http_port: free_port(),
+            dir,
+            child: None,
+        };
+        let config = format!(
+            "receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{grpc}
+      http:
+        endpoint: 127.0.0.1:{http}
+exporters:
+  file:
+    path: {out}
+    flush_interval: 100ms
+service:
+  telemetry:
+    metrics:
+      level: none
+  pipelines:
+    traces:
+      receivers: [otlp]
+      exporters: [file]
+    metrics:
+      receivers: [otlp]
+      exporters: [file]
+",
+            grpc = c.grpc_port,
+            http = c.http_port,
+            out = c.out_path().display()
+        );
+        std::fs::write(c.dir.join("config.yaml"), config).unwrap();
+        c.restart();
+        c
+    }
+
+    fn out_path(&self) -> PathBuf {
+        self.dir.join("received.jsonl")
+    }
+
+    /// Starts it (again, on the same ports and file) and waits until both
+    /// receivers accept connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "collector already running");
+        let child = Child::spawn(
+            otelcol_bin(),
+            &[format!(
+                "--config={}",
+                self.dir.join("config.yaml").display()
+            )],
+        );
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for port in [self.grpc_port, self.http_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                let c = self.child.as_mut().unwrap();
+                assert!(
+                    c.running() && Instant::now() < deadline,
+                    "collector did not start listening on {port}:\n{}",
+                    c.output_so_far().join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Stops it (SIGTERM, then waits): the file exporter flushes first.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.signal(libc::SIGTERM);
+            c.wait();
+        }
+    }
+
+    /// The endpoint URL for `--otlp-endpoint`: gRPC or HTTP by `protocol`.
+    pub fn endpoint(&self, protocol: &str) -> String {
+        let port = if protocol == "grpc" {
+            self.grpc_port
+        } else {
+            self.http_port
+        };
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// Every OTLP/JSON line the file exporter wrote so far.
+    pub fn received(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.out_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls `received()` until `done` accepts it, up to `timeout`; returns
+    /// the last view either way.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&Otlp) -> bool) -> Otlp {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = Otlp::from_lines(&self.received());
+            if done(&got) || Instant::now() >= deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What a collector received, flattened: spans and metric data points, each
+/// with its resource's attributes (OTLP/JSON values made plain JSON).
+#[derive(Debug, Default, Clone)]
+pub struct Otlp {
+    pub spans: Vec<OtlpItem>,
+    /// One per data point: `item["name"]`, `["unit"]`, `["kind"]` (sum,
+    /// histogram, gauge), `["monotonic"]`, `["point"]`.
+    pub points: Vec<OtlpItem>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpItem {
+    pub resource: HashMap<String, serde_json::Value>,
+    /// For spans the OTLP/JSON span with `attrs` added (plain attributes).
+    pub item: serde_json::Value,
+    pub attrs: HashMap<String, serde_json::Value>,
+}
+
+/// An OTLP/JSON attribute list as a plain map (`intValue` strings become numbers).
+pub fn otlp_attrs(list: &serde_json::Value) -> HashMap<String, serde_json::Value> {
+    let mut out = HashMap::new();
+    for kv in list.as_array().into_iter().flatten() {
+        let key = kv["key"].as_str().unwrap_or_default().to_string();
+        let v = &kv["value"];
+        let plain = if let Some(s) = v.get("stringValue") {
+            s.clone()
+        } else if let Some(i) = v.get("intValue") {
+            let n: i64 = i
+                .as_str()
+                .map(|s| s.parse().unwrap())
+                .unwrap_or_else(|| i.as_i64().unwrap());
+            serde_json::Value::from(n)
+        } else if let Some(b) = v.get("boolValue") {
+            b.clone()
+        } else if let Some(d) = v.get("doubleValue") {
+            d.clone()
+        } else {
+            v.clone()
+        };
+        out.insert(key, plain);
+    }
+    out
+}
+
+impl Otlp {
+    pub fn from_lines(lines: &[serde_json::Value]) -> Otlp {
+        let mut o = Otlp::default();
+        for l in lines {
+            for rs in l["resourceSpans"].as_array().into_iter().flatten() {
+                let res = otlp_attrs(&rs["resource"]["attributes"]);
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    for s in ss["spans"].as_array().into_iter().flatten() {
+                        o.spans.push(OtlpItem {
+                            resource: res.clone(),
+                            attrs: otlp_attrs(&s["attributes"]),
+                            item: s.clone(),
+                        });
+                    }
+                }
+            }
+            for rm in l["resourceMetrics"].as_array().into_iter().flatten() {
+                let res = otlp_attrs(&rm["resource"]["attributes"]);
+                for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
+                    for m in sm["metrics"].as_array().into_iter().flatten() {
+                        for kind in ["sum", "histogram", "gauge"] {
+                            let Some(data) = m.get(kind) else { continue };
+                            for p in data["dataPoints"].as_array().into_iter().flatten() {
+                                o.points.push(OtlpItem {
+                                    resource: res.clone(),
+                                    attrs: otlp_attrs(&p["attributes"]),
+                                    item: serde_json::json!({
+                                        "name": m["name"],
+                                        "unit": m["unit"],
+                                        "kind": kind,
+                                        "monotonic": data["isMonotonic"],
+                                        "temporality": data["aggregationTemporality"],
+                                        "point": p,
+                                    }),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    pub fn spans_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a OtlpItem> + 'a {
+        self.spans.iter().filter(move |s| s.item["name"] == name)
+    }
+
+    pub fn points_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a OtlpItem> + 'a {
+        self.points.iter().filter(move |p| p.item["name"] == name)
+    }
 }
