@@ -46,10 +46,13 @@ fn crash_risk_span(protocol: &str) {
     require_root();
     let col = Collector::start(&format!("crash-{}", protocol.replace('/', "-")));
     let bin = go_fixture("mapcrash", GoToolchain::Go126, Variant::Stripped);
+    let json = tmp(&format!("otlp-crash-{}.json", protocol.replace('/', "-")));
     let out = map_probe(&[
         "run",
         "--max-gap",
         "0.5",
+        "--json",
+        json.to_str().unwrap(),
         "--otlp-endpoint",
         &col.endpoint(protocol),
         "--otlp-protocol",
@@ -75,9 +78,23 @@ fn crash_risk_span(protocol: &str) {
     assert_eq!(a["risk.concurrent_write"], Value::Bool(true), "{a:?}");
     assert_eq!(a["map_probe.risk.kind"], "fatal");
     assert_eq!(a["map_probe.risk.message"], "concurrent map writes");
-    assert!(a["map_probe.map.address"]
-        .as_str()
-        .is_some_and(|m| m.starts_with("0x")));
+    // The span renders the report's risk: the same map (when it is known).
+    let report = read_json(&json);
+    let fatal = report["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "fatal")
+        .expect("the fatal risk in the JSON report");
+    match fatal["map"].as_str() {
+        Some(m) => assert_eq!(a["map_probe.map.address"], m),
+        None => assert!(!a.contains_key("map_probe.map.address")),
+    }
+    assert_eq!(
+        r.item["events"].as_array().unwrap().len(),
+        fatal["writers"].as_array().unwrap().len(),
+        "one event per writer"
+    );
     assert!(a["map_probe.risk.count"].as_i64().unwrap() >= 1);
     assert_eq!(a["code.function.name"], "main.writer");
     assert_eq!(a["code.line.number"], i64::from(line));
