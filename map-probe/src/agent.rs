@@ -14,7 +14,9 @@
 //! (`<6>`, `<4>`) so journald files it at the right level.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
 
@@ -25,6 +27,7 @@ use crate::{
     discover::{self, GoCache, Selector},
     doctor::Host,
     export::Exporter,
+    gobin::GoBinary,
     session::{self, End, Observation, Options, Step},
     target::{Claim, Target},
 };
@@ -60,6 +63,8 @@ struct Watched {
     name: String,
     /// The one-observer slot of this process, held while watched.
     _claim: Option<Claim>,
+    /// When its governors want the next look.
+    next_tick: Instant,
 }
 
 impl Watched {
@@ -82,6 +87,7 @@ pub fn run(cfg: &Config, opts: &Options, host: &Host, export: Exporter) -> Resul
         targets: Vec::new(),
         skipped: HashSet::new(),
         go: GoCache::default(),
+        bins: HashMap::new(),
     };
     let what = describe_selector(&cfg.select);
     log(
@@ -173,6 +179,9 @@ struct Agent<'a> {
     /// Processes (pid, start time) that could not be watched: said once.
     skipped: HashSet<(u32, u64)>,
     go: GoCache,
+    /// Parsed binaries by (device, inode, mtime), shared by the processes
+    /// of one program while any of them is watched.
+    bins: HashMap<(u64, u64, i64), Weak<GoBinary>>,
 }
 
 impl Agent<'_> {
@@ -216,8 +225,16 @@ impl Agent<'_> {
         }
     }
 
-    fn watch(&self, p: &discover::Proc) -> Result<Watched> {
-        let target = Target::from_pid(p.pid)?;
+    fn watch(&mut self, p: &discover::Proc) -> Result<Watched> {
+        self.bins.retain(|_, b| b.strong_count() > 0);
+        let key = std::fs::metadata(format!("/proc/{}/exe", p.pid))
+            .map(|m| (m.dev(), m.ino(), m.mtime()))
+            .ok();
+        let known = key.and_then(|k| self.bins.get(&k)?.upgrade());
+        let target = Target::from_pid_sharing(p.pid, |_| known)?;
+        if let Some(k) = key {
+            self.bins.insert(k, Arc::downgrade(&target.bin));
+        }
         let claim = target.claim(self.cfg.allow_second)?;
         let (plans, probes) = session::prepare(&target, self.opts, self.host)?;
         let mut obs = Observation::new(target, plans, probes, self.opts);
@@ -226,20 +243,29 @@ impl Agent<'_> {
             obs,
             name: p.exe_name(),
             _claim: claim,
+            next_tick: Instant::now(),
         })
     }
 
-    /// One governor step for every target; the time until the next one.
+    /// One governor step for every target that is due; the time until
+    /// the next one is.
     fn tick(&mut self, now: Instant) -> Duration {
         let mut next = Duration::from_millis(20);
         let mut gone = Vec::new();
         for (i, w) in self.targets.iter_mut().enumerate() {
+            if now < w.next_tick {
+                next = next.min(w.next_tick - now);
+                continue;
+            }
             if !w.obs.alive() {
                 gone.push(i);
                 continue;
             }
             match w.obs.tick(now) {
-                Ok(Step::Next(d)) => next = next.min(d),
+                Ok(Step::Next(d)) => {
+                    w.next_tick = now + d;
+                    next = next.min(d);
+                }
                 Ok(Step::Gone) => gone.push(i),
                 Err(e) => {
                     log(Level::Warning, &format!("{}: {e:#}", w.describe()));

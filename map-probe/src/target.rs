@@ -39,6 +39,16 @@ fn exe_id(pid: u32) -> Option<(u64, u64)> {
 impl Target {
     /// A running process, by PID.
     pub fn from_pid(pid: u32) -> Result<Target> {
+        Self::from_pid_sharing(pid, |_| None)
+    }
+
+    /// Like `from_pid`, but takes the parsed binary from `known` when it has
+    /// one for `/proc/PID/exe` (the agent: many processes of one program
+    /// share one copy).
+    pub fn from_pid_sharing(
+        pid: u32,
+        known: impl FnOnce(&Path) -> Option<Arc<GoBinary>>,
+    ) -> Result<Target> {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         if pid == 0 || !proc_dir.exists() {
             bail!("no process with PID {pid}: check the PID with `ps -p {pid}`");
@@ -92,14 +102,17 @@ impl Target {
             Err(_) if !proc_dir.exists() => bail!("PID {pid} has exited"),
             Err(e) => bail!("cannot read {}: {e}", exe_link.display()),
         };
-        let bin = open_go(&exe_link, &exe)?;
+        let bin = match known(&exe_link) {
+            Some(b) => b,
+            None => Arc::new(open_go(&exe_link, &exe)?),
+        };
         let bias = load_bias(pid, &bin)?;
         let start_time = start_time(pid).ok_or_else(|| anyhow!("PID {pid} has exited"))?;
         Ok(Target {
             pid,
             exe,
             open_path: exe_link,
-            bin: Arc::new(bin),
+            bin,
             bias,
             start_time,
             exe_id: exe_id(pid),

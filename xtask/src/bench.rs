@@ -14,6 +14,7 @@
 //! arguments: `lock` loads the shared-cache endpoint (lock contention), `map` the map-heavy
 //! session endpoint (map-write probes); both attach with map-probe's default probes.
 
+mod agent;
 mod json;
 mod procs;
 mod wrk;
@@ -88,6 +89,9 @@ options:
   --settle SECS      pause before each phase's load; map-probe attaches in it (default 0.5)
   --no-build         skip setup and the map-probe build (use target/release/map-probe as is)
   -- ARGS...         more `map-probe attach` arguments, e.g. -- --window-ms 2000 --hit-cost-us 30
+
+`--mode agent` is a run of its own (see `cargo xtask bench --mode agent --help`): the agent over
+several loaded targets for ten minutes, its own CPU and RSS, and the targets' cost.
 
 modes:";
 
@@ -246,6 +250,9 @@ impl Phase {
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
+    if agent::wanted(args) {
+        return agent::run(args);
+    }
     let Some(o) = parse_opts(args)? else {
         println!("{}", usage());
         return Ok(());

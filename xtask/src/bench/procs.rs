@@ -128,6 +128,10 @@ impl Agent {
         self.child.try_wait().ok().flatten()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for it to exit by itself, then stops it.
     pub fn finish(mut self, timeout: Duration) -> Result<ExitStatus, String> {
         let t0 = Instant::now();
@@ -168,6 +172,14 @@ fn stat_fields(pid: &str) -> Option<Vec<u64>> {
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let f = stat_fields(&pid.to_string())?;
     Some(f.get(11)? + f.get(12)?)
+}
+
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`).
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// cutime + cstime of xtask: CPU time of the children it has waited for, in clock ticks.
