@@ -43,13 +43,13 @@ pub struct Config {
 }
 
 #[derive(Clone, Copy)]
-enum Level {
+pub(crate) enum Level {
     Info,
     Warning,
 }
 
 /// One line on stderr, with a syslog priority when journald reads it.
-fn log(level: Level, msg: &str) {
+pub(crate) fn log(level: Level, msg: &str) {
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let (prio, word) = match level {
         Level::Info => ("<6>", ""),
@@ -202,14 +202,19 @@ impl Agent<'_> {
             }
             match self.watch(&p) {
                 Ok(w) => {
+                    let module = w
+                        .obs
+                        .target
+                        .bin
+                        .main_module()
+                        .map_or(String::new(), |m| format!(", module {m}"));
                     log(
                         Level::Info,
                         &format!(
-                            "attached to {} {} ({}, service {})",
-                            w.describe(),
+                            "attached to PID {} {} ({}{module})",
+                            p.pid,
                             p.exe.display(),
                             w.obs.target.go_version(),
-                            w.obs.target.bin.main_module().unwrap_or(&w.name)
                         ),
                     );
                     self.targets.push(w);

@@ -154,3 +154,104 @@ fn all_go_recognises_go_programs_by_build_info() {
         "/bin/sh"
     )));
 }
+
+/// The capabilities in the shipped unit file's `CapabilityBoundingSet=`.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(
+        common::workspace_root().join("contrib/systemd/map-probe-agent.service"),
+    )
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds the capabilities");
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    let ambient = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("the unit grants them");
+    assert_eq!(line, ambient, "bounding and ambient sets agree");
+    caps
+}
+
+/// The agent under exactly the unit's capability bound (as root's uid, as
+/// the unit runs it) attaches to a Go process and exports it.
+#[test]
+fn agent_runs_with_only_the_units_capabilities() {
+    require_root();
+    let caps = unit_capabilities();
+    assert!(!caps.iter().any(|c| c == "sys_admin" || c == "dac_override"));
+    let col = Collector::start("agent-caps");
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Stripped);
+    let mut target = Child::spawn(&bin, &["-duration", "60s"]);
+    target.wait_for_line("ready pid=", Duration::from_secs(10));
+    let bound = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--bounding-set={bound}"))
+        .arg("--no-new-privs")
+        .arg("--")
+        .arg(map_probe_bin())
+        .args(["agent", "--pid", &target.pid().to_string()])
+        .args(["--interval", "1", "--max-gap", "1", "--duration", "4"])
+        .args([
+            "--otlp-endpoint",
+            &col.endpoint("grpc"),
+            "--otlp-protocol",
+            "grpc",
+        ]);
+    let mut agent = Child::spawn_cmd(cmd);
+    let status = agent.wait();
+    let out = agent.output_so_far();
+    assert!(status.success(), "{status}: {out:#?}");
+    assert!(
+        out.iter()
+            .any(|l| l.contains(&format!("attached to PID {}", target.pid()))),
+        "{out:#?}"
+    );
+    assert!(!out.iter().any(|l| l.contains("not watching")), "{out:#?}");
+    let got = col.wait_for(Duration::from_secs(5), |o| {
+        o.spans_named("map_probe.lock.contention")
+            .any(|s| s.attrs["code.function.name"] == "main.hotPath")
+    });
+    assert!(
+        got.spans_named("map_probe.lock.contention")
+            .any(|s| s.attrs["code.function.name"] == "main.hotPath"),
+        "sites exported under the unit's capabilities"
+    );
+}
+
+/// `systemd-analyze verify` accepts the shipped unit (with ExecStart=
+/// pointing at the binary under test).
+#[test]
+fn systemd_unit_is_valid() {
+    let unit = std::fs::read_to_string(
+        common::workspace_root().join("contrib/systemd/map-probe-agent.service"),
+    )
+    .unwrap();
+    let unit = unit.replace(
+        "/usr/local/bin/map-probe",
+        map_probe_bin().to_str().unwrap(),
+    );
+    let path = common::tmp("map-probe-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (systemd) is installed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("map-probe-agent.service:"),
+        "{}: {err}",
+        out.status
+    );
+}

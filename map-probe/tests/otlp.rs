@@ -502,6 +502,61 @@ fn unreachable_collector_changes_nothing() {
     }
 }
 
+/// A collector that accepts connections and never answers (the slow case):
+/// the run still ends on time, bounded, with its outputs and a warning.
+#[test]
+fn silent_collector_does_not_hold_up_the_end() {
+    require_root();
+    let fixture = start_contended();
+    let pid = fixture.pid().to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold every connection, never read or write.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    for protocol in PROTOCOLS {
+        let json = tmp(&format!("otlp-silent-{}.json", protocol.replace('/', "-")));
+        let t0 = Instant::now();
+        let out = Command::new(map_probe_bin())
+            .args([
+                "attach",
+                "--pid",
+                &pid,
+                "--duration",
+                "2",
+                "--interval",
+                "0.5",
+            ])
+            .args(["--json", json.to_str().unwrap()])
+            .args(["--otlp-endpoint", &format!("http://127.0.0.1:{port}")])
+            .args(["--otlp-protocol", protocol])
+            .env("OTEL_EXPORTER_OTLP_TIMEOUT", "30000")
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        assert!(out.status.success(), "{protocol}: {}", stderr(&out));
+        // 2 s observed, at most 5 s for the last export, and start-up.
+        assert!(
+            took < Duration::from_secs(2 + 5 + 3),
+            "{protocol}: took {took:?}"
+        );
+        let err = stderr(&out);
+        let warnings = err.lines().filter(|l| l.contains("warning")).count();
+        assert!((1..=2).contains(&warnings), "{protocol}: {err}");
+        let b = read_json(&json);
+        assert!(
+            b["drops"]["otlp_exports"].as_u64().unwrap() >= 1,
+            "{}",
+            b["drops"]
+        );
+        assert!(b["sites"].as_array().is_some_and(|s| !s.is_empty()));
+    }
+}
+
 /// Bad OTLP settings: one line on stderr, a non-zero exit, nothing attached.
 #[test]
 fn bad_otlp_settings_are_one_line_errors() {

@@ -30,7 +30,10 @@ use std::{
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::report::{Report, RiskKind};
+use crate::{
+    agent::{log, Level},
+    report::{Report, RiskKind},
+};
 
 pub use render::{folded_sites, SiteSeries};
 
@@ -187,16 +190,30 @@ impl Exporter {
     /// dropped in all.
     pub fn shutdown(mut self, bound: Duration) -> u64 {
         let (done_tx, done_rx) = mpsc::channel();
-        let t0 = Instant::now();
-        // Blocks only while the queue is full, which the thread empties.
-        let sent = self.tx.send(Msg::Shutdown(done_tx)).is_ok();
-        let left = bound.saturating_sub(t0.elapsed());
-        if sent && done_rx.recv_timeout(left).is_err() {
-            eprintln!(
-                "map-probe: warning: OTLP: the last export did not finish within {:.0} s; leaving it",
-                bound.as_secs_f64()
+        let deadline = Instant::now() + bound;
+        // The queue may be full while the thread waits on a slow collector.
+        let mut msg = Msg::Shutdown(done_tx);
+        let sent = loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break true,
+                Err(mpsc::TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break false,
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !sent || done_rx.recv_timeout(left).is_err() {
+            log(
+                Level::Warning,
+                &format!(
+                    "OTLP: the last export did not finish within {:.0} s; leaving it",
+                    bound.as_secs_f64()
+                ),
             );
-            // The thread goes with the process.
+            // The thread goes with the process; what it held is undelivered.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             self.thread.take();
         } else if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -244,7 +261,8 @@ impl Worker {
                 Msg::Forget(pid) => {
                     if let Some(mut p) = self.pipelines.remove(&pid) {
                         self.flush_one(&mut p, true);
-                        p.shutdown(self.cfg.timeout);
+                        // Short: other targets' exports wait meanwhile.
+                        p.shutdown(self.cfg.timeout.min(Duration::from_secs(2)));
                     }
                 }
                 Msg::Shutdown(done) => {
@@ -254,10 +272,12 @@ impl Worker {
                             self.report(&r, true);
                         }
                     }
+                    // Every last report flushed itself (urgently) above; what a
+                    // backed-off collector still owes goes only if it is due.
                     let pids: Vec<u32> = self.pipelines.keys().copied().collect();
                     for pid in pids {
                         if let Some(mut p) = self.pipelines.remove(&pid) {
-                            self.flush_one(&mut p, true);
+                            self.flush_one(&mut p, false);
                             p.shutdown(self.cfg.timeout);
                         }
                     }
@@ -311,18 +331,20 @@ impl Worker {
             Ok(()) => {
                 self.failures = 0;
                 if let Some(since) = self.failing_since.take() {
-                    eprintln!(
-                        "map-probe: OTLP export to {} works again after {:.0} s ({} interval export(s) dropped so far)",
-                        self.cfg.endpoint,
-                        since.elapsed().as_secs_f64(),
-                        self.dropped.load(Ordering::Relaxed)
+                    log(
+                        Level::Info,
+                        &format!(
+                            "OTLP export to {} works again after {:.0} s ({} interval export(s) dropped so far)",
+                            self.cfg.endpoint,
+                            since.elapsed().as_secs_f64(),
+                            self.dropped.load(Ordering::Relaxed)
+                        ),
                     );
                 }
             }
-            Err(e) => {
-                self.dropped.fetch_add(p.lost_intervals, Ordering::Relaxed);
-                p.dropped += p.lost_intervals;
-                p.lost_intervals = 0;
+            Err((e, lost)) => {
+                self.dropped.fetch_add(lost, Ordering::Relaxed);
+                p.dropped += lost;
                 self.failures = self.failures.saturating_add(1);
                 let backoff = self
                     .cfg
@@ -338,9 +360,12 @@ impl Worker {
     fn warn_once(&mut self, e: &str) {
         if self.failing_since.is_none() {
             self.failing_since = Some(Instant::now());
-            eprintln!(
-                "map-probe: warning: OTLP export to {} failed ({e}); profiling goes on, retrying with backoff, undelivered intervals are counted in drops",
-                self.cfg.endpoint
+            log(
+                Level::Warning,
+                &format!(
+                    "OTLP export to {} failed ({e}); profiling goes on, retrying with backoff, undelivered intervals are counted in drops",
+                    self.cfg.endpoint
+                ),
             );
         }
     }

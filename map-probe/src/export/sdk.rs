@@ -107,7 +107,9 @@ pub struct Pipeline {
     meter_provider: SdkMeterProvider,
     pub tracer: SdkTracer,
     pub instruments: Instruments,
-    health: Arc<Health>,
+    /// What the span and the metric exporter last failed with.
+    span_health: Arc<Health>,
+    metric_health: Arc<Health>,
     /// Intervals recorded since the last flush that reached the collector,
     /// and those whose spans a failed flush would lose.
     pub pending_intervals: u64,
@@ -124,15 +126,16 @@ impl Pipeline {
     /// Must run inside the export thread's tokio runtime (tonic needs it).
     pub fn new(cfg: &Config, target: &TargetInfo) -> Result<Pipeline> {
         let resource = resource(target);
-        let health = Arc::new(Health::default());
+        let span_health = Arc::new(Health::default());
+        let metric_health = Arc::new(Health::default());
         let (spans, metrics) = exporters(cfg)?;
         let spans = Watched {
             inner: spans,
-            health: health.clone(),
+            health: span_health.clone(),
         };
         let metrics = Watched {
             inner: metrics,
-            health: health.clone(),
+            health: metric_health.clone(),
         };
         let batch = BatchSpanProcessor::builder(spans)
             .with_batch_config(
@@ -193,7 +196,8 @@ impl Pipeline {
             meter_provider,
             tracer,
             instruments,
-            health,
+            span_health,
+            metric_health,
             pending_intervals: 0,
             lost_intervals: 0,
             pending_spans: 0,
@@ -213,25 +217,33 @@ impl Pipeline {
         }
     }
 
-    /// Exports what was recorded; Err with the exporter's error if spans or
-    /// metrics did not arrive (the spans are then lost, the metrics are
-    /// cumulative and go with the next flush).
-    pub fn flush(&mut self) -> Result<(), String> {
+    /// Exports what was recorded. On failure, the error and how many
+    /// intervals' spans were lost with it (the metrics are cumulative: they
+    /// go with the next flush that works).
+    pub fn flush(&mut self) -> Result<(), (String, u64)> {
         let t = self.tracer_provider.force_flush();
         let m = self.meter_provider.force_flush();
         self.pending_spans = 0;
-        let err = self
-            .health
+        let spans = self
+            .span_health
             .take()
-            .or_else(|| t.err().map(|e| e.to_string()))
+            .or_else(|| t.err().map(|e| e.to_string()));
+        let metrics = self
+            .metric_health
+            .take()
             .or_else(|| m.err().map(|e| e.to_string()));
-        match err {
+        let lost = if spans.is_some() {
+            self.lost_intervals
+        } else {
+            0
+        };
+        self.lost_intervals = 0;
+        match spans.or(metrics) {
             None => {
                 self.pending_intervals = 0;
-                self.lost_intervals = 0;
                 Ok(())
             }
-            Some(e) => Err(e),
+            Some(e) => Err((e, lost)),
         }
     }
 

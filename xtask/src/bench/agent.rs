@@ -84,7 +84,8 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             other => return Err(format!("unknown option `{other}`\n{USAGE}")),
         }
     }
-    if !(o.minutes > 0.0) || o.targets == 0 || o.phase == 0 || !(o.interval >= 0.1) {
+    let positive = |x: f64, min: f64| x.is_finite() && x >= min;
+    if !positive(o.minutes, 0.01) || o.targets == 0 || o.phase == 0 || !positive(o.interval, 0.1) {
         return Err("--minutes, --targets, --phase and --interval must be > 0".into());
     }
     Ok(Some(o))
