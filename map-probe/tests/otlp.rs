@@ -42,50 +42,95 @@ fn stderr(out: &Output) -> String {
 
 /// The crash fixture under `run` dies of "concurrent map writes": its risk
 /// span is at the collector once map-probe has exited, with both writers.
+/// The span is checked against the run's own JSON report (it renders that
+/// risk). Both writers are certain only when a map window was open at the
+/// crash (README, Known limits), which a loaded machine can prevent: a run
+/// whose report lacks the second writer is retried, up to three times.
 fn crash_risk_span(protocol: &str) {
     require_root();
     let col = Collector::start(&format!("crash-{}", protocol.replace('/', "-")));
     let bin = go_fixture("mapcrash", GoToolchain::Go126, Variant::Stripped);
-    let json = tmp(&format!("otlp-crash-{}.json", protocol.replace('/', "-")));
-    let out = map_probe(&[
-        "run",
-        "--max-gap",
-        "0.5",
-        "--json",
-        json.to_str().unwrap(),
-        "--otlp-endpoint",
-        &col.endpoint(protocol),
-        "--otlp-protocol",
-        protocol,
-        "--",
-        bin.to_str().unwrap(),
-        "-delay",
-        "2s",
-    ]);
-    assert_eq!(out.status.code(), Some(2), "{protocol}: {}", stderr(&out));
-    // map-probe is gone: the span left before it exited.
-    let got = col.wait_for(Duration::from_secs(5), |o| {
-        o.spans_named("map_probe.concurrent_write").next().is_some()
-    });
     let line = common::fixture_line("mapcrash", "the map write", |l| l.starts_with("shared["));
-    let risks: Vec<_> = got
-        .spans_named("map_probe.concurrent_write")
-        .filter(|s| s.attrs["map_probe.risk.kind"] == "fatal")
-        .collect();
-    assert_eq!(risks.len(), 1, "{protocol}: one fatal risk span: {got:#?}");
-    let r = risks[0];
+    for attempt in 1..=3 {
+        let json = tmp(&format!(
+            "otlp-crash-{}-{attempt}.json",
+            protocol.replace('/', "-")
+        ));
+        let out = map_probe(&[
+            "run",
+            "--max-gap",
+            "0.5",
+            "--json",
+            json.to_str().unwrap(),
+            "--otlp-endpoint",
+            &col.endpoint(protocol),
+            "--otlp-protocol",
+            protocol,
+            "--",
+            bin.to_str().unwrap(),
+            "-delay",
+            "2s",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{protocol}: {}", stderr(&out));
+        let report = read_json(&json);
+        let pid = report["target"]["pid"].as_i64().unwrap();
+        let fatal = report["risks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kind"] == "fatal")
+            .expect("the fatal risk in the JSON report")
+            .clone();
+        // map-probe is gone: the span left before it exited.
+        let got = col.wait_for(Duration::from_secs(5), |o| {
+            o.spans_named("map_probe.concurrent_write")
+                .any(|s| s.resource["process.pid"] == pid)
+        });
+        let risks: Vec<_> = got
+            .spans_named("map_probe.concurrent_write")
+            .filter(|s| s.resource["process.pid"] == pid)
+            .filter(|s| s.attrs["map_probe.risk.kind"] == "fatal")
+            .collect();
+        assert_eq!(risks.len(), 1, "{protocol}: one fatal risk span: {got:#?}");
+        let r = risks[0];
+        check_risk_span(r, &fatal, line);
+        let in_report = fatal["writers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["function"] == "main.writer" && w["line"] == line)
+            .count();
+        let events = writer_events(r, line);
+        assert_eq!(events.len(), in_report, "{protocol}: the report's writers");
+        if in_report >= 2 {
+            return;
+        }
+        eprintln!(
+            "{protocol} attempt {attempt}: one writer caught (every map window closed); again"
+        );
+    }
+    panic!("{protocol}: the second writer was not caught in three runs");
+}
+
+/// The writer events of a risk span at the fixture's map-write line.
+fn writer_events(r: &common::OtlpItem, line: u32) -> Vec<std::collections::HashMap<String, Value>> {
+    r.item["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| common::otlp_attrs(&e["attributes"]))
+        .filter(|e| {
+            e["code.function.name"] == "main.writer" && e["code.line.number"] == i64::from(line)
+        })
+        .collect()
+}
+
+/// A fatal risk's span against the report's risk it renders.
+fn check_risk_span(r: &common::OtlpItem, fatal: &Value, line: u32) {
     let a = &r.attrs;
     assert_eq!(a["risk.concurrent_write"], Value::Bool(true), "{a:?}");
     assert_eq!(a["map_probe.risk.kind"], "fatal");
     assert_eq!(a["map_probe.risk.message"], "concurrent map writes");
-    // The span renders the report's risk: the same map (when it is known).
-    let report = read_json(&json);
-    let fatal = report["risks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["kind"] == "fatal")
-        .expect("the fatal risk in the JSON report");
     match fatal["map"].as_str() {
         Some(m) => assert_eq!(a["map_probe.map.address"], m),
         None => assert!(!a.contains_key("map_probe.map.address")),
@@ -95,7 +140,7 @@ fn crash_risk_span(protocol: &str) {
         fatal["writers"].as_array().unwrap().len(),
         "one event per writer"
     );
-    assert!(a["map_probe.risk.count"].as_i64().unwrap() >= 1);
+    assert_eq!(a["map_probe.risk.count"], fatal["count"]);
     assert_eq!(a["code.function.name"], "main.writer");
     assert_eq!(a["code.line.number"], i64::from(line));
     assert!(a["code.file.path"]
@@ -104,21 +149,7 @@ fn crash_risk_span(protocol: &str) {
         .ends_with("mapcrash/main.go"));
     assert_eq!(r.item["status"]["code"], 2, "status error: {}", r.item);
     assert!(nanos(&r.item["startTimeUnixNano"]) <= nanos(&r.item["endTimeUnixNano"]));
-    let writers: Vec<_> = r.item["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| common::otlp_attrs(&e["attributes"]))
-        .filter(|e| {
-            e["code.function.name"] == "main.writer" && e["code.line.number"] == i64::from(line)
-        })
-        .collect();
-    assert!(
-        writers.len() >= 2,
-        "{protocol}: both writers as events at mapcrash/main.go:{line}: {}",
-        r.item
-    );
-    for w in &writers {
+    for w in writer_events(r, line) {
         assert!(w["code.stacktrace"]
             .as_str()
             .unwrap()
@@ -126,7 +157,7 @@ fn crash_risk_span(protocol: &str) {
         assert!(w["map_probe.goroutine.id"].as_i64().is_some());
         assert!(w["map_probe.writer.state"].as_str().is_some());
     }
-    assert!(writers
+    assert!(writer_events(r, line)
         .iter()
         .any(|w| w["map_probe.writer.state"] == "throwing"));
     assert_eq!(r.resource["service.name"], "mapprobe/fixtures");
@@ -486,11 +517,29 @@ fn unreachable_collector_changes_nothing() {
         );
         let (a, b) = (read_json(&plain_json), read_json(&json));
         assert_eq!(a["end"], b["end"]);
-        assert_eq!(
-            a["sites"][0]["function"], b["sites"][0]["function"],
-            "{protocol}"
-        );
         assert_eq!(a["target"], b["target"]);
+        // The same report, but for what sampling varies (the ranking of
+        // close sites can swap between two runs of a loaded machine).
+        let keys = |v: &Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&a), keys(&b));
+        assert_eq!(keys(&a["drops"]), keys(&b["drops"]));
+        assert_eq!(keys(&a["sampling"]), keys(&b["sampling"]));
+        for r in [&a, &b] {
+            assert!(
+                r["sites"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .take(3)
+                    .any(|s| s["function"] == "main.hotPath"),
+                "{protocol}: hotPath among the top sites: {}",
+                r["sites"]
+            );
+        }
         assert!(b["drops"]["otlp_exports"].as_u64().unwrap() >= 1);
         assert_eq!(a["drops"]["otlp_exports"], 0);
         let text = String::from_utf8_lossy(&out.stdout);
@@ -539,11 +588,14 @@ fn silent_collector_does_not_hold_up_the_end() {
             .unwrap();
         let took = t0.elapsed();
         assert!(out.status.success(), "{protocol}: {}", stderr(&out));
-        // 2 s observed, at most 5 s for the last export, and start-up.
+        // 2 s observed, at most 5 s for the last export, start-up and
+        // teardown (slow on a loaded machine); unbounded, the 30-s export
+        // timeout alone would hold it longer than this.
         assert!(
-            took < Duration::from_secs(2 + 5 + 3),
+            took < Duration::from_secs(2 + 5 + 10),
             "{protocol}: took {took:?}"
         );
+        eprintln!("{protocol}: a silent collector: done after {took:?}");
         let err = stderr(&out);
         let warnings = err.lines().filter(|l| l.contains("warning")).count();
         assert!((1..=2).contains(&warnings), "{protocol}: {err}");
