@@ -82,10 +82,11 @@ fn agent_two_targets(protocol: &str) {
         .wait_timeout(Duration::from_secs(15))
         .expect("the agent stops on SIGTERM");
     assert!(status.success(), "{status}: {:#?}", agent.output_so_far());
-    assert!(agent
-        .output_so_far()
-        .iter()
-        .any(|l| l.contains("agent stopped on SIGTERM: flushed and detached 1 target(s)")));
+    let last = agent.wait_for_stderr_line(
+        "map-probe: agent stopped on SIGTERM",
+        Duration::from_secs(5),
+    );
+    assert!(last.contains("flushed and detached 1 target(s)"), "{last}");
     let got = col.wait_for(Duration::from_secs(5), |o| {
         o.spans
             .iter()
@@ -209,14 +210,14 @@ fn agent_runs_with_only_the_units_capabilities() {
             "grpc",
         ]);
     let mut agent = Child::spawn_cmd(cmd);
+    agent.wait_for_stderr_line(
+        &format!("map-probe: attached to PID {}", target.pid()),
+        Duration::from_secs(10),
+    );
     let status = agent.wait();
+    agent.wait_for_stderr_line("map-probe: agent stopped", Duration::from_secs(5));
     let out = agent.output_so_far();
     assert!(status.success(), "{status}: {out:#?}");
-    assert!(
-        out.iter()
-            .any(|l| l.contains(&format!("attached to PID {}", target.pid()))),
-        "{out:#?}"
-    );
     assert!(!out.iter().any(|l| l.contains("not watching")), "{out:#?}");
     let got = col.wait_for(Duration::from_secs(5), |o| {
         o.spans_named("map_probe.lock.contention")

@@ -423,6 +423,8 @@ fn collector_down_then_back(protocol: &str) {
             .any(|s| nanos(&s.item["endTimeUnixNano"]) > back),
         "{protocol}: spans of intervals after the restart arrived"
     );
+    // Let the reader threads take the last lines.
+    std::thread::sleep(Duration::from_millis(300));
     let lines = probe.output_so_far();
     let warnings: Vec<_> = lines
         .iter()
