@@ -249,13 +249,15 @@ fn fatal(cx: &mut Ctx, overlaps: &[Risk], clock: Clock) -> Result<Option<Risk>> 
     if let Some(m) = map {
         // Writes to the dying map still in progress (their end will never
         // come), and the goroutines that entered it meanwhile.
+        // The thrower's own write is one of them: the goroutine that entered
+        // the map during it is the other writer, even if it has left since.
+        let throwing = |goid: u64| fatals.iter().any(|(_, f)| f.goid == goid);
         for w in cx.probes.unfinished_writes()?.iter().filter(|w| w.map == m) {
-            if fatals.iter().any(|(_, f)| f.goid == w.goid) {
-                continue;
+            if !throwing(w.goid) {
+                let stack = cx.stack_at_probe(w.stack_id, w.caller);
+                writers.push(writer(w.goid, "in-map-write", stack));
             }
-            let stack = cx.stack_at_probe(w.stack_id, w.caller);
-            writers.push(writer(w.goid, "in-map-write", stack));
-            if w.overlaps > 0 && !fatals.iter().any(|(_, f)| f.goid == w.second_goid) {
+            if w.overlaps > 0 && !throwing(w.second_goid) {
                 let stack = cx.stack_at_probe(w.second_stack, w.second_caller);
                 writers.push(writer(w.second_goid, "in-map-write", stack));
             }
