@@ -79,6 +79,15 @@ pub fn probe_hits(raw: &[RawSite], points: &[Point]) -> Vec<ProbeOut> {
         .collect()
 }
 
+/// The waits of one aggregation key, timed or not, times their mean wait:
+/// a wait whose end fell outside a window is as long as the ones timed.
+fn delay(s: &map_probe_common::SiteStats) -> u64 {
+    match s.timed {
+        0 => 0,
+        t => (s.wait_ns as f64 * s.count.max(t) as f64 / t as f64).round() as u64,
+    }
+}
+
 /// The ranked sites, every stack for the flamegraph, and how many raw waits
 /// had a stack that never left the lock machinery (the frame-pointer walk
 /// stopped early), counted as drops rather than shown as a site named after
@@ -96,6 +105,9 @@ pub fn build_sites(
         timed: u64,
         wait_ns: u64,
         max_ns: u64,
+        /// Raw waits times their mean wait: the delay of every counted wait,
+        /// timed or not.
+        delay_ns: u64,
         probes: Vec<&'static str>,
         /// Index into `uniq` -> waits through that stack.
         stacks: HashMap<usize, u64>,
@@ -134,6 +146,7 @@ pub fn build_sites(
             timed: 0,
             wait_ns: 0,
             max_ns: 0,
+            delay_ns: 0,
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
@@ -141,6 +154,7 @@ pub fn build_sites(
         acc.timed += r.stats.timed;
         acc.wait_ns += r.stats.wait_ns;
         acc.max_ns = acc.max_ns.max(r.stats.max_wait_ns);
+        acc.delay_ns += delay(&r.stats);
         if !acc.probes.contains(&point.symbol) {
             acc.probes.push(point.symbol);
         }
@@ -155,10 +169,12 @@ pub fn build_sites(
                 kind,
                 frames,
                 count: 0,
+                delay_ns: 0,
             });
             uniq.len() - 1
         });
         uniq[i].count += r.stats.count;
+        uniq[i].delay_ns += delay(&r.stats);
         *acc.stacks.entry(i).or_default() += r.stats.count;
     }
     drop(index);
@@ -188,6 +204,7 @@ pub fn build_sites(
                     total_ns: a.wait_ns,
                     mean_ns: a.wait_ns.checked_div(a.timed).unwrap_or(0),
                     max_ns: a.max_ns,
+                    delay_ns: scaled(a.delay_ns),
                 },
                 probe: a.probes.join(","),
                 stacks,
@@ -204,6 +221,7 @@ pub fn build_sites(
     let mut stacks = uniq;
     for s in &mut stacks {
         s.count = scaled(s.count);
+        s.delay_ns = scaled(s.delay_ns);
     }
     stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
     (sites, stacks, incomplete)

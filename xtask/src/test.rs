@@ -27,7 +27,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     step("test", "cargo test");
     util::run(
         util::cargo()
-            .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+            .args([
+                "test",
+                "--release",
+                "--workspace",
+                "--no-fail-fast",
+                "--",
+                "--test-threads=1",
+            ])
             .args(filter),
     )?;
     step("test", "all passed");

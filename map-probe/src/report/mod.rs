@@ -96,6 +96,9 @@ pub struct Wait {
     pub total_ns: u64,
     pub mean_ns: u64,
     pub max_ns: u64,
+    /// Estimated total wait over the run: every counted wait at the mean
+    /// of the timed ones, scaled like `count`.
+    pub delay_ns: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -131,6 +134,8 @@ pub struct StackCount {
     pub kind: Kind,
     pub frames: Vec<FrameOut>,
     pub count: u64,
+    /// Estimated total wait through this stack, scaled like `count`.
+    pub delay_ns: u64,
 }
 
 #[derive(Serialize, Debug)]
