@@ -41,6 +41,8 @@ pub mod stat {
     /// It becomes an overlap only when the first write's RET is seen; a
     /// first write whose end was never seen (a panic, a missed RET) is not one.
     pub const OVERLAP_CANDIDATES: u32 = 14;
+    /// A timed wait left out of its site's histogram: the histogram map was full.
+    pub const HIST_FULL: u32 = 15;
     pub const COUNT: u32 = 16;
 }
 
@@ -58,6 +60,10 @@ pub struct Counters {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Control {
     pub generation: u64,
+    /// CLOCK_MONOTONIC when the current lock window began to open: a wait
+    /// remembered from before it ended unseen (its RET fell in a gap), so a
+    /// later RET of the same goroutine is not its end.
+    pub lock_since_ns: u64,
 }
 
 /// One call of a map write: the goroutine (`g`, R14) and how deep in its
@@ -191,6 +197,38 @@ pub struct SiteStats {
     pub max_wait_ns: u64,
 }
 
+/// Log2 buckets of wait time: bucket `i` holds waits of `[2^i, 2^(i+1))` ns
+/// (bucket 0 also holds 0 and 1 ns; the last one everything from ~9 min up).
+pub const HIST_BUCKETS: usize = 40;
+
+/// One site's wait-time distribution, kept beside `SITES` (not per CPU: 160
+/// bytes times every CPU times every site would be hundreds of MB on a big
+/// host) and bumped with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct WaitHist {
+    pub b: [u32; HIST_BUCKETS],
+}
+
+impl Default for WaitHist {
+    fn default() -> Self {
+        WaitHist {
+            b: [0; HIST_BUCKETS],
+        }
+    }
+}
+
+/// A lock a site waited on: the semaphore's address (the acquire's first
+/// argument), which the agent turns into the lock's own address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LockKey {
+    pub site: SiteKey,
+    pub sema: u64,
+}
+
+pub const MAX_LOCKS: u32 = 65536;
+
 /// A wait in progress, keyed by the goroutine (`g`, R14), since a goroutine
 /// may wake on another thread than the one it parked on.
 #[repr(C)]
@@ -210,6 +248,8 @@ mod user {
     // SAFETY: plain `#[repr(C)]` data with no padding holes that matter to the kernel.
     unsafe impl aya::Pod for SiteKey {}
     unsafe impl aya::Pod for SiteStats {}
+    unsafe impl aya::Pod for WaitHist {}
+    unsafe impl aya::Pod for LockKey {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for Control {}
     unsafe impl aya::Pod for Counters {}

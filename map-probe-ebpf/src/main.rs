@@ -2,6 +2,11 @@
 //! start of a wait and hand everything else to the agent.
 #![no_std]
 #![no_main]
+// Atomic adds on shared maps: core's atomic types leave out read-modify-write
+// on a target without compare-and-swap, but the intrinsic lowers to BPF's own
+// atomic add. (The build already runs with RUSTC_BOOTSTRAP for build-std.)
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     EbpfContext,
@@ -17,9 +22,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_RET, Control, Counters, CrashStack, FATAL_MSG, Fatal, Inflight, MAX_CRASH, MAX_INFLIGHT,
-    MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner, OverlapKey, OverlapVal, SIGURG,
-    SiteKey, SiteStats, WriteKey, Writer, stat,
+    COOKIE_RET, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
+    MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
+    OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
 
 /// Host tgid of the target. uprobe_multi links are already PID-scoped; this
@@ -36,6 +41,16 @@ static SITES: PerCpuHashMap<SiteKey, SiteStats> = PerCpuHashMap::with_max_entrie
 
 #[map]
 static STACKS: StackTrace = StackTrace::with_max_entries(MAX_STACKS, 0);
+
+/// Per site: log2 histogram of its timed waits.
+#[map]
+static HISTS: HashMap<SiteKey, WaitHist> = HashMap::with_max_entries(MAX_SITES, 0);
+
+/// Per (site, semaphore): waits, so the agent can name the lock and count a
+/// site's distinct locks (a sharded map shows as many). LRU: a service with
+/// per-object locks forgets the coldest first instead of losing new ones.
+#[map]
+static SITE_LOCKS: LruHashMap<LockKey, u64> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
@@ -122,13 +137,14 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
         wait_ended(g, now);
     } else {
         bump(stat::HITS);
-        wait_started(&ctx, cookie as u32, regs.rsp, g, now);
+        // Every semaphore acquire takes the semaphore's address first (RAX).
+        wait_started(&ctx, cookie as u32, regs.rsp, g, regs.rax, now);
     }
     0
 }
 
 #[inline(always)]
-fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, now: u64) {
+fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, sema: u64, now: u64) {
     let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as i32,
@@ -149,9 +165,90 @@ fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, now: u64) {
             }
         }
     }
+    lock_seen(LockKey { site: key, sema });
     let inf = Inflight { start_ns: now, key };
     if INFLIGHT.insert(&g, &inf, 0).is_err() {
         bump(stat::INFLIGHT_FULL);
+    }
+}
+
+#[inline(always)]
+fn lock_seen(k: LockKey) {
+    match SITE_LOCKS.get_ptr_mut(&k) {
+        Some(n) => unsafe { atomic_add64(n, 1) },
+        None => {
+            // Two CPUs may both insert 1 for a new key: one wait is lost, once.
+            let _ = SITE_LOCKS.insert(&k, &1, 0);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn atomic_add64(p: *mut u64, n: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
+}
+
+#[inline(always)]
+unsafe fn atomic_add32(p: *mut u32, n: u32) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(p, n) };
+}
+
+/// floor(log2(v)), 0 for 0: the histogram bucket of a wait of `v` ns.
+#[inline(always)]
+fn log2(mut v: u64) -> usize {
+    let mut r = 0;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    r
+}
+
+#[inline(always)]
+fn hist_add(key: &SiteKey, dt: u64) {
+    let b = log2(dt).min(HIST_BUCKETS - 1);
+    if let Some(h) = HISTS.get_ptr_mut(key) {
+        if let Some(n) = unsafe { (*h).b.get_mut(b) } {
+            unsafe { atomic_add32(n, 1) };
+        }
+        return;
+    }
+    let mut h = WaitHist::default();
+    if let Some(n) = h.b.get_mut(b) {
+        *n = 1;
+    }
+    if HISTS.insert(key, &h, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Another CPU created it meanwhile, or the map is full.
+    match HISTS.get_ptr_mut(key) {
+        Some(h) => {
+            if let Some(n) = unsafe { (*h).b.get_mut(b) } {
+                unsafe { atomic_add32(n, 1) };
+            }
+        }
+        None => bump(stat::HIST_FULL),
     }
 }
 
@@ -162,7 +259,12 @@ fn wait_ended(g: u64, now: u64) {
         return;
     };
     let _ = INFLIGHT.remove(&g);
+    if inf.start_ns < CONTROL.get(0).map_or(0, |c| c.lock_since_ns) {
+        bump(stat::RET_UNMATCHED);
+        return;
+    }
     let dt = now.saturating_sub(inf.start_ns);
+    hist_add(&inf.key, dt);
     match SITES.get_ptr_mut(&inf.key) {
         Some(s) => unsafe {
             (*s).timed += 1;

@@ -1,8 +1,10 @@
 //! Reading what the kernel aggregated: per (probe point, stack, caller)
 //! counts and wait times, the stacks themselves, and the loss counters.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
-use map_probe_common::{stat, SiteStats};
+use map_probe_common::{stat, SiteKey, SiteStats, HIST_BUCKETS};
 use serde::Serialize;
 
 use crate::probes::Probes;
@@ -16,6 +18,86 @@ pub struct RawSite {
     pub pcs: Vec<u64>,
     pub first_is_ip: bool,
     pub stats: SiteStats,
+    /// Timed waits per log2 bucket of their length in ns.
+    pub hist: [u64; HIST_BUCKETS],
+    /// Waits per semaphore address.
+    pub semas: Vec<(u64, u64)>,
+}
+
+/// What the kernel holds for one site key: counters, histogram, semaphores.
+#[derive(Clone)]
+pub struct KeyData {
+    pub stats: SiteStats,
+    pub hist: [u64; HIST_BUCKETS],
+    pub semas: HashMap<u64, u64>,
+}
+
+impl KeyData {
+    /// Growth since `prev` (an earlier read of the same key); the max is the
+    /// running one, as the kernel keeps no per-interval max.
+    pub fn since(&self, prev: &KeyData) -> KeyData {
+        let mut hist = self.hist;
+        for (h, p) in hist.iter_mut().zip(prev.hist.iter()) {
+            *h = h.saturating_sub(*p);
+        }
+        let semas = self
+            .semas
+            .iter()
+            .map(|(a, n)| {
+                (
+                    *a,
+                    n.saturating_sub(prev.semas.get(a).copied().unwrap_or(0)),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        KeyData {
+            stats: SiteStats {
+                count: self.stats.count.saturating_sub(prev.stats.count),
+                timed: self.stats.timed.saturating_sub(prev.stats.timed),
+                wait_ns: self.stats.wait_ns.saturating_sub(prev.stats.wait_ns),
+                max_wait_ns: self.stats.max_wait_ns,
+            },
+            hist,
+            semas,
+        }
+    }
+}
+
+/// Every site key with its counters, histogram and semaphores.
+pub fn read(probes: &Probes) -> Result<Vec<(SiteKey, KeyData)>> {
+    let mut hists = probes.hists()?;
+    let mut semas: HashMap<SiteKey, HashMap<u64, u64>> = HashMap::new();
+    for (k, n) in probes.site_locks()? {
+        *semas.entry(k.site).or_default().entry(k.sema).or_default() += n;
+    }
+    Ok(probes
+        .sites()?
+        .into_iter()
+        .map(|(key, stats)| {
+            let mut hist = [0u64; HIST_BUCKETS];
+            if let Some(h) = hists.remove(&key) {
+                for (o, n) in hist.iter_mut().zip(h.b.iter()) {
+                    *o = u64::from(*n);
+                }
+            }
+            let semas = semas.remove(&key).unwrap_or_default();
+            (key, KeyData { stats, hist, semas })
+        })
+        .collect())
+}
+
+/// The raw site of one key, its stack resolved.
+pub fn raw_site(probes: &Probes, key: &SiteKey, d: KeyData) -> RawSite {
+    let (pcs, first_is_ip) = probes.stack_at_entry(key.stack_id, key.caller);
+    RawSite {
+        point: key.probe as usize,
+        pcs,
+        first_is_ip,
+        stats: d.stats,
+        hist: d.hist,
+        semas: d.semas.into_iter().collect(),
+    }
 }
 
 /// Everything the kernel side could not record, never silently dropped.
@@ -71,19 +153,11 @@ pub fn totals(s: &[u64]) -> Totals {
 }
 
 pub fn collect(probes: &Probes) -> Result<Vec<RawSite>> {
-    let mut out = Vec::new();
-    for (key, stats) in probes.sites()? {
-        if stats.count == 0 {
-            // Only a wait's end was seen here; its start fell outside a window.
-            continue;
-        }
-        let (pcs, first_is_ip) = probes.stack_at_entry(key.stack_id, key.caller);
-        out.push(RawSite {
-            point: key.probe as usize,
-            pcs,
-            first_is_ip,
-            stats,
-        });
-    }
-    Ok(out)
+    Ok(read(probes)?
+        .into_iter()
+        // Only a wait's end was seen at a key with no count; its start fell
+        // outside a window.
+        .filter(|(_, d)| d.stats.count > 0)
+        .map(|(k, d)| raw_site(probes, &k, d))
+        .collect())
 }

@@ -40,6 +40,10 @@ pub enum Kind {
     Mutex,
     RwmutexWrite,
     RwmutexRead,
+    /// A wait inside a `sync.Map` method (its mutex up to 1.23, the hash
+    /// trie's node locks from 1.24), charged to the user's call.
+    #[serde(rename = "sync.Map")]
+    SyncMap,
     MapWrite,
     Fatal,
 }
@@ -50,6 +54,7 @@ impl Kind {
             Kind::Mutex => "mutex",
             Kind::RwmutexWrite => "rwmutex-write",
             Kind::RwmutexRead => "rwmutex-read",
+            Kind::SyncMap => "sync.Map",
             Kind::MapWrite => "map-write",
             Kind::Fatal => "fatal",
         }
@@ -151,6 +156,37 @@ pub const FATALS: &[Row] = &[
         why: "swiss maps report their races here, then call runtime.fatal",
     },
 ];
+
+/// Where a lock's semaphore sits inside the lock, by the function that parks
+/// on it (the first frame above the semaphore acquire). The layouts are the
+/// same in every release from 1.19 to 1.27; `internal/sync.Mutex` (1.24+)
+/// is laid out as `sync.Mutex` was.
+pub const SEMA_FIELDS: &[(&str, u64, &str)] = &[
+    ("(*Mutex).lockSlow", 4, "Mutex{state int32; sema uint32}"),
+    (
+        "(*RWMutex).RLock",
+        12,
+        "RWMutex{w Mutex; writerSem, readerSem uint32; ...}: readers park on readerSem",
+    ),
+    (
+        "(*RWMutex).Lock",
+        8,
+        "a writer waiting for the readers to leave parks on writerSem",
+    ),
+];
+
+/// The lock's own address from its semaphore's, given the stack's function
+/// names innermost first (the semaphore acquire itself first). None when the
+/// parking function is not one whose layout is known.
+pub fn lock_of<'a>(functions: impl IntoIterator<Item = &'a str>, sema: u64) -> Option<u64> {
+    let parker = functions
+        .into_iter()
+        .find(|f| !f.contains("runtime_Semacquire"))?;
+    SEMA_FIELDS
+        .iter()
+        .find(|(suffix, _, _)| parker.ends_with(suffix))
+        .map(|(_, off, _)| sema.wrapping_sub(*off))
+}
 
 /// Offset of `goid` in `runtime.g`: 152, except 160 in 1.23 and 1.24
 /// (checked against DWARF for 1.19 and 1.26; the offset databases of the

@@ -23,14 +23,25 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use map_probe_common::{
-    stat, Control, Counters, CrashStack, Fatal, OverlapKey, OverlapVal, SiteKey, SiteStats,
-    WriteKey, Writer, COOKIE_RET,
+    stat, Control, Counters, CrashStack, Fatal, LockKey, OverlapKey, OverlapVal, SiteKey,
+    SiteStats, WaitHist, WriteKey, Writer, COOKIE_RET,
 };
 
 use crate::{
     catalog::{Plan, Purpose},
     links, text,
 };
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/map-probe.bpf.o"));
 
@@ -134,7 +145,7 @@ pub struct Probes {
     target: PathBuf,
     pid: NonZeroU32,
     sets: Vec<Set>,
-    generation: u64,
+    control: Control,
 }
 
 impl Probes {
@@ -201,7 +212,7 @@ impl Probes {
             target,
             pid: NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?,
             sets,
-            generation: 0,
+            control: Control::default(),
         })
     }
 
@@ -225,14 +236,17 @@ impl Probes {
 
     pub fn attach(&mut self, purpose: Purpose) -> Result<Duration> {
         let t = Instant::now();
-        if purpose == Purpose::MapWrite {
+        match purpose {
             // Writers remembered from an earlier window may have returned
             // unseen: a new generation makes them stale.
-            self.generation += 1;
-            let generation = self.generation;
-            let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
-            ctl.set(0, &Control { generation }, 0)?;
+            Purpose::MapWrite => self.control.generation += 1,
+            // So may waits.
+            Purpose::LockWait => self.control.lock_since_ns = monotonic_ns(),
+            Purpose::Fatal => {}
         }
+        let control = self.control;
+        let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
+        ctl.set(0, &control, 0)?;
         let (target, pid) = (self.target.clone(), self.pid);
         let Some(set) = self.set(purpose) else {
             return Ok(t.elapsed());
@@ -353,6 +367,18 @@ impl Probes {
         Ok(out)
     }
 
+    /// Every site's wait-time histogram.
+    pub fn hists(&self) -> Result<std::collections::HashMap<SiteKey, WaitHist>> {
+        let map: HashMap<&MapData, SiteKey, WaitHist> = HashMap::try_from(self.map("HISTS")?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Waits per (site, semaphore).
+    pub fn site_locks(&self) -> Result<Vec<(LockKey, u64)>> {
+        let map: HashMap<&MapData, LockKey, u64> = HashMap::try_from(self.map("SITE_LOCKS")?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
     /// Forgets aggregated sites (the agent drops those idle for an interval,
     /// so the fixed-size map never fills over a long run).
     pub fn remove_sites(&mut self, keys: &[SiteKey]) -> Result<()> {
@@ -360,6 +386,23 @@ impl Probes {
             PerCpuHashMap::try_from(self.map_mut("SITES")?)?;
         for k in keys {
             // Already gone is fine: nothing left to forget.
+            let _ = map.remove(k);
+        }
+        let mut hists: HashMap<&mut MapData, SiteKey, WaitHist> =
+            HashMap::try_from(self.map_mut("HISTS")?)?;
+        for k in keys {
+            let _ = hists.remove(k);
+        }
+        let gone: std::collections::HashSet<&SiteKey> = keys.iter().collect();
+        let locks: Vec<LockKey> = self
+            .site_locks()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| gone.contains(&k.site))
+            .collect();
+        let mut map: HashMap<&mut MapData, LockKey, u64> =
+            HashMap::try_from(self.map_mut("SITE_LOCKS")?)?;
+        for k in &locks {
             let _ = map.remove(k);
         }
         Ok(())
@@ -411,7 +454,7 @@ impl Probes {
             .iter()
             .filter_map(Result::ok)
             .map(|(_, w)| w)
-            .filter(|w| w.generation == self.generation)
+            .filter(|w| w.generation == self.control.generation)
             .collect())
     }
 

@@ -17,11 +17,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use map_probe_common::{stat, SiteKey, SiteStats};
+use map_probe_common::{stat, SiteKey};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    aggregate::{self, RawSite},
+    aggregate::{self, KeyData, RawSite},
     catalog::{self, Plan, Purpose},
     doctor::Host,
     export::Exporter,
@@ -160,7 +160,7 @@ struct Mark {
     windows: Vec<u32>,
     stats: [u64; stat::COUNT as usize],
     /// Kernel site entries as last read, by (probe, stack id, caller).
-    sites: HashMap<(u32, i32, u64), SiteStats>,
+    sites: HashMap<(u32, i32, u64), KeyData>,
     /// Risks already reported, by identity, with the count then.
     risks: HashMap<String, u64>,
 }
@@ -375,29 +375,21 @@ impl Observation {
     fn site_deltas(&mut self) -> Result<(Vec<RawSite>, Vec<SiteKey>)> {
         let mut raw = Vec::new();
         let mut idle = Vec::new();
-        for (key, now) in self.probes.sites()? {
+        for (key, now) in aggregate::read(&self.probes)? {
             let id = (key.probe, key.stack_id, key.caller);
-            let prev = self.mark.sites.insert(id, now).unwrap_or_default();
-            let d = SiteStats {
-                count: now.count.saturating_sub(prev.count),
-                timed: now.timed.saturating_sub(prev.timed),
-                wait_ns: now.wait_ns.saturating_sub(prev.wait_ns),
-                max_wait_ns: now.max_wait_ns,
+            let d = match self.mark.sites.get(&id) {
+                Some(prev) => now.since(prev),
+                None => now.clone(),
             };
-            if d.count == 0 && d.timed == 0 {
+            self.mark.sites.insert(id, now);
+            if d.stats.count == 0 && d.stats.timed == 0 {
                 idle.push(key);
                 continue;
             }
-            if d.count == 0 {
+            if d.stats.count == 0 {
                 continue;
             }
-            let (pcs, first_is_ip) = self.probes.stack_at_entry(key.stack_id, key.caller);
-            raw.push(RawSite {
-                point: key.probe as usize,
-                pcs,
-                first_is_ip,
-                stats: d,
-            });
+            raw.push(aggregate::raw_site(&self.probes, &key, d));
         }
         Ok((raw, idle))
     }

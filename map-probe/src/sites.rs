@@ -4,10 +4,12 @@
 
 use std::collections::HashMap;
 
+use map_probe_common::HIST_BUCKETS;
+
 use crate::{
     aggregate::RawSite,
-    catalog::{Kind, Point},
-    report::{FrameOut, ProbeOut, Site, StackCount, Wait},
+    catalog::{self, Kind, Point},
+    report::{Bucket, FrameOut, ProbeOut, Site, StackCount, SyncMapOut, Wait},
     symbolize::Symbolizer,
 };
 
@@ -41,15 +43,39 @@ pub fn site_of(frames: &[FrameOut]) -> FrameOut {
         })
 }
 
+/// What the machinery frames between the probe and the user's frame say.
+#[derive(Debug, PartialEq, Eq)]
+struct Class {
+    /// Index of the user's frame.
+    at: usize,
+    kind: Kind,
+    /// The `sync.Map` method the user called, for kind `SyncMap`.
+    method: Option<String>,
+}
+
 /// The site is the innermost frame outside the lock machinery (the user's
 /// function that called Lock, inlined or not); the machinery frames in
 /// between tell which kind of wait it was. None for a stack that never
 /// leaves the machinery: the frame-pointer walk stopped early.
-fn classify(frames: &[FrameOut], probe_kind: Kind) -> Option<(usize, Kind)> {
-    let site = frames.iter().position(|f| !is_machinery(&f.function))?;
+fn classify(frames: &[FrameOut], probe_kind: Kind) -> Option<Class> {
+    let at = frames.iter().position(|f| !is_machinery(&f.function))?;
+    let inner = &frames[..at];
+    // The outermost sync.Map frame is the method the user called (Store
+    // calls Swap; 1.24+ wraps the hash trie's methods).
+    if let Some(m) = inner
+        .iter()
+        .rev()
+        .find_map(|f| f.function.strip_prefix("sync.(*Map)."))
+    {
+        return Some(Class {
+            at,
+            kind: Kind::SyncMap,
+            method: Some(m.to_string()),
+        });
+    }
     let mut kind = probe_kind;
     if kind == Kind::Mutex {
-        for f in &frames[..site] {
+        for f in inner {
             match f.function.as_str() {
                 "sync.(*RWMutex).RLock" => kind = Kind::RwmutexRead,
                 "sync.(*RWMutex).Lock" => kind = Kind::RwmutexWrite,
@@ -58,7 +84,46 @@ fn classify(frames: &[FrameOut], probe_kind: Kind) -> Option<(usize, Kind)> {
             break;
         }
     }
-    Some((site, kind))
+    Some(Class {
+        at,
+        kind,
+        method: None,
+    })
+}
+
+/// Quantile `q` of a log2 histogram, interpolated geometrically inside its
+/// bucket and kept at or under the largest wait seen.
+fn quantile(hist: &[u64; HIST_BUCKETS], q: f64, max_ns: u64) -> u64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let want = q * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in hist.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        if (below + n) as f64 >= want {
+            let f = ((want - below as f64) / n as f64).clamp(0.0, 1.0);
+            let lo = if i == 0 { 1.0 } else { (1u64 << i) as f64 };
+            return ((lo * 2f64.powf(f)).round() as u64).min(max_ns.max(1));
+        }
+        below += n;
+    }
+    max_ns
+}
+
+fn buckets(hist: &[u64; HIST_BUCKETS]) -> Vec<Bucket> {
+    hist.iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, &count)| Bucket {
+            ge_ns: if i == 0 { 0 } else { 1 << i },
+            lt_ns: 1 << (i + 1),
+            count,
+        })
+        .collect()
 }
 
 pub fn probe_hits(raw: &[RawSite], points: &[Point]) -> Vec<ProbeOut> {
@@ -108,6 +173,11 @@ pub fn build_sites(
         /// Raw waits times their mean wait: the delay of every counted wait,
         /// timed or not.
         delay_ns: u64,
+        hist: [u64; HIST_BUCKETS],
+        /// Waits per lock address (or per semaphore, when the layout around
+        /// it is not known).
+        locks: HashMap<u64, u64>,
+        method: Option<String>,
         probes: Vec<&'static str>,
         /// Index into `uniq` -> waits through that stack.
         stacks: HashMap<usize, u64>,
@@ -130,7 +200,7 @@ pub fn build_sites(
         if frames.is_empty() {
             continue;
         }
-        let Some((at, kind)) = classify(&frames, point.kind) else {
+        let Some(Class { at, kind, method }) = classify(&frames, point.kind) else {
             // A lost stack (only the caller is known) is in `stack_lost` already.
             if r.first_is_ip {
                 incomplete += r.stats.count;
@@ -147,9 +217,20 @@ pub fn build_sites(
             wait_ns: 0,
             max_ns: 0,
             delay_ns: 0,
+            hist: [0; HIST_BUCKETS],
+            locks: HashMap::new(),
+            method,
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
+        for (h, n) in acc.hist.iter_mut().zip(r.hist.iter()) {
+            *h += n;
+        }
+        for &(sema, n) in &r.semas {
+            let functions = frames.iter().map(|f| f.function.as_str());
+            let lock = catalog::lock_of(functions, sema).unwrap_or(sema);
+            *acc.locks.entry(lock).or_default() += n;
+        }
         acc.raw += r.stats.count;
         acc.timed += r.stats.timed;
         acc.wait_ns += r.stats.wait_ns;
@@ -192,7 +273,16 @@ pub fn build_sites(
                 })
                 .map(|(i, _)| uniq[i].frames.clone())
                 .unwrap_or_default();
+            let lock = a
+                .locks
+                .iter()
+                .max_by_key(|(addr, n)| (**n, std::cmp::Reverse(**addr)))
+                .map(|(addr, _)| *addr);
             Site {
+                lock: lock.map(|l| format!("{l:#x}")),
+                lock_symbol: lock.and_then(|l| sym.data(l)),
+                locks: a.locks.len(),
+                sync_map: a.method.map(|method| SyncMapOut { method }),
                 function: a.site.function,
                 file: a.site.file,
                 line: a.site.line,
@@ -205,6 +295,10 @@ pub fn build_sites(
                     mean_ns: a.wait_ns.checked_div(a.timed).unwrap_or(0),
                     max_ns: a.max_ns,
                     delay_ns: scaled(a.delay_ns),
+                    p50_ns: quantile(&a.hist, 0.5, a.max_ns),
+                    p90_ns: quantile(&a.hist, 0.9, a.max_ns),
+                    p99_ns: quantile(&a.hist, 0.99, a.max_ns),
+                    hist: buckets(&a.hist),
                 },
                 probe: a.probes.join(","),
                 stacks,
@@ -250,28 +344,97 @@ mod tests {
             f("main.writeConfig"),
             f("runtime.goexit"),
         ];
-        assert_eq!(
-            classify(&frames, Kind::Mutex),
-            Some((4, Kind::RwmutexWrite))
-        );
+        assert_eq!(at(&frames, Kind::Mutex), Some((4, Kind::RwmutexWrite)));
         let frames = vec![
             f("sync.runtime_SemacquireMutex"),
             f("sync.(*RWMutex).RLock"),
             f("main.read"),
         ];
-        assert_eq!(classify(&frames, Kind::Mutex), Some((2, Kind::RwmutexRead)));
+        assert_eq!(at(&frames, Kind::Mutex), Some((2, Kind::RwmutexRead)));
         let frames = vec![f("internal/sync.runtime_SemacquireMutex"), f("main.hot")];
-        assert_eq!(classify(&frames, Kind::Mutex), Some((1, Kind::Mutex)));
+        assert_eq!(at(&frames, Kind::Mutex), Some((1, Kind::Mutex)));
         // A dedicated RWMutex probe keeps its kind.
         let frames = vec![f("sync.runtime_SemacquireRWMutexR"), f("main.read")];
-        assert_eq!(
-            classify(&frames, Kind::RwmutexRead),
-            Some((1, Kind::RwmutexRead))
-        );
+        assert_eq!(at(&frames, Kind::RwmutexRead), Some((1, Kind::RwmutexRead)));
         // A lost stack is no site, not one named after sync's internals.
         let frames = vec![f("sync.(*Mutex).lockSlow")];
         assert_eq!(classify(&frames, Kind::Mutex), None);
         let frames = vec![f("sync.runtime_SemacquireMutex"), f("runtime.goexit")];
         assert_eq!(classify(&frames, Kind::Mutex), None);
+    }
+
+    fn at(frames: &[FrameOut], kind: Kind) -> Option<(usize, Kind)> {
+        classify(frames, kind).map(|c| (c.at, c.kind))
+    }
+
+    #[test]
+    fn sync_map_waits_are_charged_to_the_users_call() {
+        // Go 1.20-1.23: Store calls Swap, which takes the map's mutex.
+        let frames = vec![
+            f("sync.runtime_SemacquireMutex"),
+            f("sync.(*Mutex).lockSlow"),
+            f("sync.(*Mutex).Lock"),
+            f("sync.(*Map).Swap"),
+            f("sync.(*Map).Store"),
+            f("main.put"),
+        ];
+        let c = classify(&frames, Kind::Mutex).unwrap();
+        assert_eq!((c.at, c.kind), (5, Kind::SyncMap));
+        assert_eq!(c.method.as_deref(), Some("Store"));
+        // Go 1.24+: the hash trie's node lock.
+        let frames = vec![
+            f("internal/sync.runtime_SemacquireMutex"),
+            f("internal/sync.(*Mutex).lockSlow"),
+            f("internal/sync.(*HashTrieMap[go.shape.interface {},go.shape.interface {}]).LoadOrStore"),
+            f("sync.(*Map).LoadOrStore"),
+            f("main.get"),
+        ];
+        let c = classify(&frames, Kind::Mutex).unwrap();
+        assert_eq!(
+            (c.at, c.kind, c.method.as_deref()),
+            (4, Kind::SyncMap, Some("LoadOrStore"))
+        );
+    }
+
+    #[test]
+    fn quantiles_stay_inside_their_bucket() {
+        let mut h = [0u64; HIST_BUCKETS];
+        h[10] = 90; // [1024, 2048) ns
+        h[20] = 10; // [~1 ms, ~2 ms)
+        let p50 = quantile(&h, 0.5, 2_000_000);
+        assert!((1024..2048).contains(&p50), "{p50}");
+        let p99 = quantile(&h, 0.99, 2_000_000);
+        assert!((1 << 20..1 << 21).contains(&p99), "{p99}");
+        assert_eq!(
+            quantile(&h, 0.99, 1_100_000).min(1_100_000),
+            quantile(&h, 0.99, 1_100_000)
+        );
+        assert_eq!(quantile(&[0; HIST_BUCKETS], 0.5, 0), 0);
+    }
+
+    #[test]
+    fn the_lock_is_found_from_its_semaphore() {
+        let mutex = [
+            "sync.runtime_SemacquireMutex",
+            "sync.(*Mutex).lockSlow",
+            "main.f",
+        ];
+        assert_eq!(catalog::lock_of(mutex, 0x1004), Some(0x1000));
+        let rlock = [
+            "sync.runtime_SemacquireRWMutexR",
+            "sync.(*RWMutex).RLock",
+            "main.f",
+        ];
+        assert_eq!(catalog::lock_of(rlock, 0x100c), Some(0x1000));
+        let wlock = [
+            "sync.runtime_SemacquireRWMutex",
+            "sync.(*RWMutex).Lock",
+            "main.f",
+        ];
+        assert_eq!(catalog::lock_of(wlock, 0x1008), Some(0x1000));
+        assert_eq!(
+            catalog::lock_of(["sync.runtime_SemacquireMutex", "main.f"], 8),
+            None
+        );
     }
 }

@@ -36,6 +36,16 @@ impl<'a> Symbolizer<'a> {
         out
     }
 
+    /// A runtime data address as `symbol+offset` (`main.cache+8`), when the
+    /// binary's symbol table has the global that holds it.
+    pub fn data(&self, addr: u64) -> Option<String> {
+        let (name, off) = self.bin.data_symbol_at(addr.wrapping_sub(self.bias))?;
+        Some(match off {
+            0 => name.to_string(),
+            o => format!("{name}+{o}"),
+        })
+    }
+
     fn frames(&mut self, pc: u64) -> &[Frame] {
         let (bin, bias) = (self.bin, self.bias);
         self.cache.entry(pc).or_insert_with(|| {

@@ -180,6 +180,19 @@ pub struct GoBinary {
     /// Names that more than one real (non-wrapper) function carries.
     ambiguous: HashSet<String>,
     exec_segment: (u64, u64, u64),
+    /// (address, size, name) of every data object in `.symtab`, by address.
+    data_symbols: Vec<(u64, u64, String)>,
+}
+
+fn data_symbols(file: &ElfFile64<'_>) -> Vec<(u64, u64, String)> {
+    let mut out: Vec<(u64, u64, String)> = file
+        .symbols()
+        .filter(|s| s.kind() == object::SymbolKind::Data && s.address() != 0)
+        .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+        .collect();
+    out.sort_unstable();
+    out.dedup_by_key(|d| d.0);
+    out
 }
 
 impl GoBinary {
@@ -212,6 +225,7 @@ impl GoBinary {
         }
         let is_pie = header.e_type(endian) == elf::ET_DYN;
         let has_symtab = file.symbols().next().is_some();
+        let data_symbols = data_symbols(&file);
         let symbol = |name: &str| file.symbol_by_name(name).map(|s| s.address());
         let sym_text = symbol("runtime.text");
         let sym_pclntab = symbol("runtime.pclntab");
@@ -312,7 +326,16 @@ impl GoBinary {
             by_name,
             ambiguous,
             exec_segment,
+            data_symbols,
         })
+    }
+
+    /// The global variable holding `vaddr` (link-time address) and the
+    /// offset into it, from `.symtab` (none in a stripped binary).
+    pub fn data_symbol_at(&self, vaddr: u64) -> Option<(&str, u64)> {
+        let i = self.data_symbols.partition_point(|d| d.0 <= vaddr);
+        let (addr, size, name) = self.data_symbols.get(i.checked_sub(1)?)?;
+        (vaddr < addr + (*size).max(1)).then(|| (name.as_str(), vaddr - addr))
     }
 
     pub fn path(&self) -> &Path {

@@ -99,6 +99,21 @@ pub struct Wait {
     /// Estimated total wait over the run: every counted wait at the mean
     /// of the timed ones, scaled like `count`.
     pub delay_ns: u64,
+    /// Quantiles of the timed waits, estimated within their log2 bucket
+    /// (so within a factor of 2 at worst, far closer with many waits).
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    /// The timed waits per log2 bucket, empty buckets left out (raw counts).
+    pub hist: Vec<Bucket>,
+}
+
+/// Waits of at least `ge_ns` and less than `lt_ns` nanoseconds.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Bucket {
+    pub ge_ns: u64,
+    pub lt_ns: u64,
+    pub count: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -113,9 +128,23 @@ pub struct Site {
     pub wait: Wait,
     /// Probe point(s) the waits were seen at.
     pub probe: String,
+    /// The lock waited on most at this site (its address), the global that
+    /// holds it where the binary has a symbol table, and how many distinct
+    /// locks this site waited on (many: a lock per shard or per object).
+    pub lock: Option<String>,
+    pub lock_symbol: Option<String>,
+    pub locks: usize,
+    /// For kind `sync.Map`: the method the user called.
+    pub sync_map: Option<SyncMapOut>,
     /// Distinct stacks merged into this site; `stack` is the busiest one.
     pub stacks: usize,
     pub stack: Vec<FrameOut>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct SyncMapOut {
+    /// `Load`, `Store`, `LoadOrStore`, ...: the outermost `sync.(*Map)` frame.
+    pub method: String,
 }
 
 /// One attached probe point and the raw entry hits the kernel counted there.

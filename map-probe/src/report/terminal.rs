@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use super::{
     format::{duration, group, secs, short_path},
-    Report, RiskKind,
+    Report, RiskKind, Site,
 };
 
 pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
@@ -30,21 +30,27 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
     } else {
         writeln!(
             out,
-            "\n{:>4} {:>12} {:>9} {:>10}  {:<14} CALL SITE",
-            "RANK", "WAITS(est)", "RAW", "MEAN WAIT", "KIND"
+            "\n{:>4} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} CALL SITE",
+            "RANK", "WAITS(est)", "RAW", "MEAN", "P50", "P90", "P99", "MAX", "KIND"
         )?;
         for (i, site) in report.sites.iter().take(top).enumerate() {
+            let w = &site.wait;
             writeln!(
                 out,
-                "{:>4} {:>12} {:>9} {:>10}  {:<14} {} ({}:{})",
+                "{:>4} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} {} ({}:{}){}",
                 i + 1,
                 group(site.count),
                 group(site.raw_count),
-                duration(site.wait.mean_ns, site.wait.timed),
+                duration(w.mean_ns, w.timed),
+                duration(w.p50_ns, w.timed),
+                duration(w.p90_ns, w.timed),
+                duration(w.p99_ns, w.timed),
+                duration(w.max_ns, w.timed),
                 site.kind.as_str(),
                 site.function,
                 short_path(&site.file),
-                site.line
+                site.line,
+                lock_note(site),
             )?;
         }
         if report.sites.len() > top {
@@ -70,6 +76,22 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
         writeln!(out, "drops: none")?;
     }
     Ok(())
+}
+
+/// What the row says about the lock: the global's name, the method of a
+/// sync.Map, how many locks share the site.
+fn lock_note(site: &Site) -> String {
+    let mut note = String::new();
+    if let Some(m) = &site.sync_map {
+        note += &format!(" sync.Map.{}", m.method);
+    }
+    if let Some(sym) = &site.lock_symbol {
+        note += &format!(" on {sym}");
+    }
+    if site.locks > 1 {
+        note += &format!(" [{} locks]", group(site.locks as u64));
+    }
+    note
 }
 
 fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {
