@@ -7,6 +7,13 @@
 /// its low 32 bits and these flags above, so one program serves every Go
 /// version's symbols without a lookup table in the kernel.
 pub const COOKIE_RET: u64 = 1 << 32;
+/// `sync.(*Map).missLocked` (Go 1.19-1.23): counted only when this miss
+/// promotes the dirty map to read-only.
+pub const COOKIE_SYNCMAP_MISS: u64 = 1 << 33;
+/// `sync.(*Map).dirtyLocked` (Go 1.19-1.23): counted and timed only when it
+/// rebuilds the dirty map, an O(n) copy under the map's mutex.
+pub const COOKIE_SYNCMAP_REBUILD: u64 = 1 << 34;
+pub const COOKIE_SYNCMAP: u64 = COOKIE_SYNCMAP_MISS | COOKIE_SYNCMAP_REBUILD;
 
 /// Indexes into the per-CPU `STATS` array. Every event the kernel side cannot
 /// record is counted here, so the report can say what it lost.

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_RET, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
+    COOKIE_RET, COOKIE_SYNCMAP, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
     MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
@@ -35,6 +35,12 @@ static TARGET_TGID: u32 = 0;
 /// Offset of `goid` in the runtime's `g` for the target's Go version.
 #[unsafe(no_mangle)]
 static GOID_OFFSET: u64 = 152;
+
+/// Offsets of `dirty` and `misses` in `sync.Map` (Go 1.19-1.23).
+#[unsafe(no_mangle)]
+static SYNCMAP_DIRTY_OFFSET: u64 = 16;
+#[unsafe(no_mangle)]
+static SYNCMAP_MISSES_OFFSET: u64 = 24;
 
 #[map]
 static SITES: PerCpuHashMap<SiteKey, SiteStats> = PerCpuHashMap::with_max_entries(MAX_SITES, 0);
@@ -134,13 +140,50 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     if cookie & COOKIE_RET != 0 {
         bump(stat::RET_HITS);
-        wait_ended(g, now);
-    } else {
-        bump(stat::HITS);
-        // Every semaphore acquire takes the semaphore's address first (RAX).
-        wait_started(&ctx, cookie as u32, regs.rsp, g, regs.rax, now);
+        // Most sync.Map calls end without the event their entry looked for.
+        wait_ended(g, now, cookie & COOKIE_SYNCMAP == 0);
+        return 0;
     }
+    bump(stat::HITS);
+    if cookie & COOKIE_SYNCMAP != 0 {
+        // The receiver, a *sync.Map, is in RAX.
+        let wanted = if cookie & COOKIE_SYNCMAP_MISS != 0 {
+            syncmap_promotes(regs.rax)
+        } else {
+            cookie & COOKIE_SYNCMAP_REBUILD != 0 && syncmap_rebuilds(regs.rax)
+        };
+        if wanted {
+            wait_started(&ctx, cookie as u32, regs.rsp, g, 0, now);
+        }
+        return 0;
+    }
+    // Every semaphore acquire takes the semaphore's address first (RAX).
+    wait_started(&ctx, cookie as u32, regs.rsp, g, regs.rax, now);
     0
+}
+
+#[inline(always)]
+fn read_u64(addr: u64) -> u64 {
+    unsafe { bpf_probe_read_user(addr as *const u64) }.unwrap_or(0)
+}
+
+/// missLocked counts this miss and promotes once misses reach len(dirty).
+#[inline(always)]
+fn syncmap_promotes(m: u64) -> bool {
+    let dirty_off = unsafe { core::ptr::read_volatile(&SYNCMAP_DIRTY_OFFSET) };
+    let misses_off = unsafe { core::ptr::read_volatile(&SYNCMAP_MISSES_OFFSET) };
+    let misses = read_u64(m + misses_off);
+    let dirty = read_u64(m + dirty_off);
+    // A classic hmap starts with its count.
+    let len = if dirty == 0 { 0 } else { read_u64(dirty) };
+    misses + 1 >= len
+}
+
+/// dirtyLocked copies the read-only map only when there is no dirty map.
+#[inline(always)]
+fn syncmap_rebuilds(m: u64) -> bool {
+    let dirty_off = unsafe { core::ptr::read_volatile(&SYNCMAP_DIRTY_OFFSET) };
+    read_u64(m + dirty_off) == 0
 }
 
 #[inline(always)]
@@ -165,7 +208,9 @@ fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, sema: u64, now:
             }
         }
     }
-    lock_seen(LockKey { site: key, sema });
+    if sema != 0 {
+        lock_seen(LockKey { site: key, sema });
+    }
     let inf = Inflight { start_ns: now, key };
     if INFLIGHT.insert(&g, &inf, 0).is_err() {
         bump(stat::INFLIGHT_FULL);
@@ -253,9 +298,11 @@ fn hist_add(key: &SiteKey, dt: u64) {
 }
 
 #[inline(always)]
-fn wait_ended(g: u64, now: u64) {
+fn wait_ended(g: u64, now: u64, count_unmatched: bool) {
     let Some(inf) = (unsafe { INFLIGHT.get(&g) }).copied() else {
-        bump(stat::RET_UNMATCHED);
+        if count_unmatched {
+            bump(stat::RET_UNMATCHED);
+        }
         return;
     };
     let _ = INFLIGHT.remove(&g);

@@ -28,7 +28,7 @@ use map_probe_common::{
 };
 
 use crate::{
-    catalog::{Plan, Purpose},
+    catalog::{self, Plan, Purpose},
     links, text,
 };
 
@@ -152,7 +152,7 @@ impl Probes {
     pub fn load(
         pid: u32,
         target: PathBuf,
-        goid_offset: u64,
+        go: &crate::gobin::GoVersion,
         plans: &[&Plan],
         mode: UprobeMode,
     ) -> Result<Probes> {
@@ -174,7 +174,17 @@ impl Probes {
         }
         let mut ebpf = loader
             .override_global("TARGET_TGID", &pid, true)
-            .override_global("GOID_OFFSET", &goid_offset, true)
+            .override_global("GOID_OFFSET", &catalog::goid_offset(go), true)
+            .override_global(
+                "SYNCMAP_DIRTY_OFFSET",
+                &catalog::sync_map_fields(go).0,
+                true,
+            )
+            .override_global(
+                "SYNCMAP_MISSES_OFFSET",
+                &catalog::sync_map_fields(go).1,
+                true,
+            )
             .load(OBJECT)
             .map_err(|e| {
                 anyhow!("loading the eBPF programs failed: {e} (see `map-probe doctor`)")
@@ -194,8 +204,9 @@ impl Probes {
             let mut entries = Vec::new();
             let mut rets = Vec::new();
             for (i, p) in plan.points.iter().enumerate() {
-                entries.push((p.entry_offset, i as u64));
-                rets.extend(p.ret_offsets.iter().map(|&r| (r, i as u64 | COOKIE_RET)));
+                let cookie = i as u64 | catalog::cookie_flags(p.kind);
+                entries.push((p.entry_offset, cookie));
+                rets.extend(p.ret_offsets.iter().map(|&r| (r, cookie | COOKIE_RET)));
             }
             sets.push(Set {
                 purpose: plan.purpose,

@@ -542,11 +542,10 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
         );
     }
     let plans = Plans { locks, maps, fatal };
-    let goid = catalog::goid_offset(target.bin.go_version());
     let mut probes = Probes::load(
         target.pid,
         target.open_path.clone(),
-        goid,
+        target.bin.go_version(),
         &plans.all(),
         UprobeMode::for_host(),
     )?;

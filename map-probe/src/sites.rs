@@ -91,6 +91,31 @@ fn classify(frames: &[FrameOut], probe_kind: Kind) -> Option<Class> {
     })
 }
 
+/// Promotions are the cost of a program's sync.Map use when rebuilding dirty
+/// maps after them takes at least a tenth of the time spent waiting in and
+/// rebuilding sync.Maps: each rebuild copies the whole map with its mutex
+/// held, and every other call needing the mutex waits it out.
+const PROMOTION_COST_SHARE: f64 = 0.1;
+
+fn promotion_cost(sites: &mut [Site]) {
+    let rebuild: u64 = sites
+        .iter()
+        .filter_map(|s| s.sync_map.as_ref())
+        .map(|m| m.rebuild_ns)
+        .sum();
+    let waits: u64 = sites
+        .iter()
+        .filter(|s| s.kind == Kind::SyncMap)
+        .map(|s| s.wait.delay_ns)
+        .sum();
+    if rebuild == 0 || (rebuild as f64) < PROMOTION_COST_SHARE * (rebuild + waits) as f64 {
+        return;
+    }
+    for m in sites.iter_mut().filter_map(|s| s.sync_map.as_mut()) {
+        m.promotions_are_the_cost = m.promotions + m.rebuilds > 0;
+    }
+}
+
 /// Quantile `q` of a log2 histogram, interpolated geometrically inside its
 /// bucket and kept at or under the largest wait seen.
 fn quantile(hist: &[u64; HIST_BUCKETS], q: f64, max_ns: u64) -> u64 {
@@ -178,6 +203,11 @@ pub fn build_sites(
         /// it is not known).
         locks: HashMap<u64, u64>,
         method: Option<String>,
+        /// sync.Map (Go 1.19-1.23): promoting misses, dirty-map rebuilds and
+        /// the rebuilds' time, raw.
+        promotions: u64,
+        rebuilds: u64,
+        rebuild_ns: u64,
         probes: Vec<&'static str>,
         /// Index into `uniq` -> waits through that stack.
         stacks: HashMap<usize, u64>,
@@ -220,9 +250,24 @@ pub fn build_sites(
             hist: [0; HIST_BUCKETS],
             locks: HashMap::new(),
             method,
+            promotions: 0,
+            rebuilds: 0,
+            rebuild_ns: 0,
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
+        match point.kind {
+            Kind::SyncMapPromotion => {
+                acc.promotions += r.stats.count;
+                continue;
+            }
+            Kind::SyncMapRebuild => {
+                acc.rebuilds += r.stats.count;
+                acc.rebuild_ns += delay(&r.stats);
+                continue;
+            }
+            _ => {}
+        }
         for (h, n) in acc.hist.iter_mut().zip(r.hist.iter()) {
             *h += n;
         }
@@ -282,7 +327,15 @@ pub fn build_sites(
                 lock: lock.map(|l| format!("{l:#x}")),
                 lock_symbol: lock.and_then(|l| sym.data(l)),
                 locks: a.locks.len(),
-                sync_map: a.method.map(|method| SyncMapOut { method }),
+                sync_map: a.method.map(|method| SyncMapOut {
+                    method,
+                    promotions: scaled(a.promotions),
+                    rebuilds: scaled(a.rebuilds),
+                    rebuild_ns: scaled(a.rebuild_ns),
+                    raw_promotions: a.promotions,
+                    raw_rebuilds: a.rebuilds,
+                    promotions_are_the_cost: false,
+                }),
                 function: a.site.function,
                 file: a.site.file,
                 line: a.site.line,
@@ -312,6 +365,7 @@ pub fn build_sites(
             .then(b.wait.total_ns.cmp(&a.wait.total_ns))
             .then_with(|| a.function.cmp(&b.function))
     });
+    promotion_cost(&mut sites);
     let mut stacks = uniq;
     for s in &mut stacks {
         s.count = scaled(s.count);

@@ -145,6 +145,18 @@ pub struct Site {
 pub struct SyncMapOut {
     /// `Load`, `Store`, `LoadOrStore`, ...: the outermost `sync.(*Map)` frame.
     pub method: String,
+    /// Go 1.19-1.23 only (the hash trie of 1.24+ has neither): misses that
+    /// promoted the dirty map to read-only, the dirty-map rebuilds (an O(n)
+    /// copy under the map's mutex) that follow, and the rebuilds' time;
+    /// estimated like `count`, with the raw counts beside.
+    pub promotions: u64,
+    pub rebuilds: u64,
+    pub rebuild_ns: u64,
+    pub raw_promotions: u64,
+    pub raw_rebuilds: u64,
+    /// Rebuilds took at least a tenth of all the time spent waiting in and
+    /// rebuilding sync.Maps: the map is written too often for sync.Map.
+    pub promotions_are_the_cost: bool,
 }
 
 /// One attached probe point and the raw entry hits the kernel counted there.

@@ -53,6 +53,7 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
                 lock_note(site),
             )?;
         }
+        sync_map_notes(report, top, out)?;
         if report.sites.len() > top {
             writeln!(
                 out,
@@ -74,6 +75,36 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
         }
     } else {
         writeln!(out, "drops: none")?;
+    }
+    Ok(())
+}
+
+/// The promotions behind sync.Map waits (Go 1.19-1.23), where there were any.
+fn sync_map_notes(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
+    for site in report.sites.iter().take(top) {
+        let Some(m) = site
+            .sync_map
+            .as_ref()
+            .filter(|m| m.promotions + m.rebuilds > 0)
+        else {
+            continue;
+        };
+        writeln!(
+            out,
+            "     sync.Map.{} at {} ({}:{}): {} promotion(s), {} dirty-map rebuild(s) taking {}{}",
+            m.method,
+            site.function,
+            short_path(&site.file),
+            site.line,
+            group(m.promotions),
+            group(m.rebuilds),
+            duration(m.rebuild_ns, m.rebuilds),
+            if m.promotions_are_the_cost {
+                "; promotions are the cost: each copies the map under its mutex (a Mutex-guarded map fits write-heavy use)"
+            } else {
+                ""
+            }
+        )?;
     }
     Ok(())
 }
