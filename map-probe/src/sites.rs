@@ -124,6 +124,7 @@ fn quantile(hist: &[u64; HIST_BUCKETS], q: f64, max_ns: u64) -> u64 {
         return 0;
     }
     let want = q * total as f64;
+    let last = hist.iter().rposition(|&n| n > 0).unwrap_or(0);
     let mut below = 0u64;
     for (i, &n) in hist.iter().enumerate() {
         if n == 0 {
@@ -132,7 +133,13 @@ fn quantile(hist: &[u64; HIST_BUCKETS], q: f64, max_ns: u64) -> u64 {
         if (below + n) as f64 >= want {
             let f = ((want - below as f64) / n as f64).clamp(0.0, 1.0);
             let lo = if i == 0 { 1.0 } else { (1u64 << i) as f64 };
-            return ((lo * 2f64.powf(f)).round() as u64).min(max_ns.max(1));
+            // The largest wait bounds the last bucket.
+            let hi = if i == last {
+                (max_ns as f64).clamp(lo, 2.0 * lo)
+            } else {
+                2.0 * lo
+            };
+            return ((lo * (hi / lo).powf(f)).round() as u64).min(max_ns.max(1));
         }
         below += n;
     }

@@ -295,7 +295,11 @@ fn top_sites_match_the_go_mutex_profile() {
                 .iter()
                 .map(|s| s["function"].as_str().unwrap().to_string()),
         );
-        let theirs = go_profile_top(&std::fs::read_to_string(&profile).unwrap());
+        let theirs: Vec<String> =
+            common::go_mutex_profile(&std::fs::read_to_string(&profile).unwrap())
+                .into_iter()
+                .map(|e| e.function)
+                .collect();
         eprintln!(
             "{go:?}: map-probe top {:?}, Go mutex profile top {:?}",
             &ours[..3.min(ours.len())],
@@ -318,45 +322,6 @@ fn distinct_functions(it: impl Iterator<Item = String>) -> Vec<String> {
         }
     }
     seen
-}
-
-/// Functions of a text (debug=1) mutex profile, ranked by contention delay.
-/// Each record is `cycles count @ pcs` followed by `#\tpc\tfunc+off\tfile:line`
-/// lines; the record's function is its first frame outside sync and runtime.
-fn go_profile_top(text: &str) -> Vec<String> {
-    let mut by_fn: Vec<(String, u64)> = Vec::new();
-    let mut cycles = 0u64;
-    let mut open = false;
-    for line in text.lines() {
-        if line.contains(" @ ") && !line.starts_with('#') {
-            cycles = line
-                .split_whitespace()
-                .next()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            open = true;
-        } else if open && line.starts_with("#\t") {
-            let func = line
-                .split('\t')
-                .nth(2)
-                .unwrap_or("")
-                .split('+')
-                .next()
-                .unwrap_or("");
-            if !(func.starts_with("sync.")
-                || func.starts_with("internal/sync.")
-                || func.starts_with("runtime."))
-            {
-                match by_fn.iter_mut().find(|(f, _)| f == func) {
-                    Some(e) => e.1 += cycles,
-                    None => by_fn.push((func.to_string(), cycles)),
-                }
-                open = false;
-            }
-        }
-    }
-    by_fn.sort_by_key(|e| std::cmp::Reverse(e.1));
-    by_fn.into_iter().map(|(f, _)| f).collect()
 }
 
 /// bpftrace, attached to the same probe point, counts the same hits over a

@@ -785,3 +785,65 @@ impl Otlp {
         self.points.iter().filter(move |p| p.item["name"] == name)
     }
 }
+
+/// One function's contention in a Go mutex profile.
+#[derive(Debug, Clone)]
+pub struct GoContention {
+    pub function: String,
+    pub count: u64,
+    pub delay_ns: u64,
+}
+
+/// The functions of a text (debug=1) mutex profile, by contention delay,
+/// largest first. Each record is `cycles count @ pcs` followed by
+/// `#\tpc\tfunc+off\tfile:line` lines; the record's function is its first
+/// frame outside sync and runtime. Cycles become ns by the header's
+/// `cycles/second`.
+pub fn go_mutex_profile(text: &str) -> Vec<GoContention> {
+    let per_sec: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cycles/second="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1e9);
+    let mut by_fn: Vec<(String, u64, u64)> = Vec::new();
+    let (mut cycles, mut count) = (0u64, 0u64);
+    let mut open = false;
+    for line in text.lines() {
+        if line.contains(" @ ") && !line.starts_with('#') {
+            let mut w = line.split_whitespace();
+            cycles = w.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            count = w.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            open = true;
+        } else if open && line.starts_with("#\t") {
+            let func = line
+                .split('\t')
+                .nth(2)
+                .unwrap_or("")
+                .split('+')
+                .next()
+                .unwrap_or("");
+            if !(func.starts_with("sync.")
+                || func.starts_with("internal/sync.")
+                || func.starts_with("runtime."))
+            {
+                match by_fn.iter_mut().find(|(f, _, _)| f == func) {
+                    Some(e) => {
+                        e.1 += cycles;
+                        e.2 += count;
+                    }
+                    None => by_fn.push((func.to_string(), cycles, count)),
+                }
+                open = false;
+            }
+        }
+    }
+    by_fn.sort_by_key(|e| std::cmp::Reverse(e.1));
+    by_fn
+        .into_iter()
+        .map(|(function, cycles, count)| GoContention {
+            function,
+            count,
+            delay_ns: (cycles as f64 / per_sec * 1e9) as u64,
+        })
+        .collect()
+}
