@@ -2,7 +2,8 @@
 //! contention by call site. Modules follow the path the data takes:
 //! `target` and `gobin` find the process and read its binary, `catalog`
 //! decides where to probe for its Go version, `probes` loads and attaches the
-//! eBPF programs, `governor` keeps their cost in budget, `aggregate` reads the
+//! eBPF programs, `calibrate` measures what a hit costs here, `governor` keeps
+//! their cost in budget, `aggregate` reads the
 //! kernel's counts, `symbolize` names the stacks, `sites` and `risks` build
 //! the one report model, and `report` renders it. `session` drives one
 //! target through all of it; `export` sends its reports to an OpenTelemetry
@@ -10,6 +11,7 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod calibrate;
 pub mod catalog;
 pub mod discover;
 pub mod doctor;

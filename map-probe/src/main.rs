@@ -115,17 +115,12 @@ struct Common {
         default_value_t = 20.0
     )]
     max_gap: f64,
-    /// Estimated cost of one uprobe hit to the target, in microseconds (> 0).
-    /// A trap took about 10 on the VMs we measured (under 1 on bare metal);
-    /// the default doubles it because a trap on a lock or map path also
-    /// delays the goroutines queued behind it.
-    #[arg(
-        long,
-        allow_negative_numbers = true,
-        value_name = "US",
-        default_value_t = 20.0
-    )]
-    hit_cost_us: f64,
+    /// Cost of one uprobe hit to the target, in microseconds (> 0), for the
+    /// budget. By default map-probe measures it at start (a probe on a
+    /// function of its own, called a few thousand times with and without
+    /// it: about 10 µs on the VMs we developed on, under 1 µs on bare metal).
+    #[arg(long, allow_negative_numbers = true, value_name = "US")]
+    hit_cost_us: Option<f64>,
     /// Count lock waits without timing them: no probes on the RET
     /// instructions, so half the traps and none while a woken goroutine
     /// already holds the lock it waited for.
@@ -182,10 +177,9 @@ impl Common {
                 bail!("--duration must be a positive number of seconds");
             }
         }
-        if !(self.hit_cost_us.is_finite() && self.hit_cost_us > 0.0) {
+        if let Some(c) = self.hit_cost_us.filter(|c| !(c.is_finite() && *c > 0.0)) {
             bail!(
-                "--hit-cost-us must be a positive number of microseconds (got {}): it is what the governor budgets with",
-                self.hit_cost_us
+                "--hit-cost-us must be a positive number of microseconds (got {c}): it is what the governor budgets with"
             );
         }
         if self.window_ms < MIN_LOCK_WINDOW_MS {
@@ -213,7 +207,9 @@ impl Common {
         let share = if self.no_map_writes { 1.0 } else { 0.5 };
         let locks = governor::Config {
             budget: (!unlimited).then_some(total * share),
-            hit_cost: Duration::from_secs_f64(self.hit_cost_us / 1e6),
+            hit_cost: Duration::from_secs_f64(
+                self.hit_cost_us.unwrap_or(session::FALLBACK_HIT_COST_US) / 1e6,
+            ),
             window: Duration::from_millis(self.window_ms),
             max_gap: Duration::from_secs_f64(self.max_gap),
             max_window_cost: LOCK_WINDOW_COST,
@@ -234,6 +230,7 @@ impl Common {
             duration: self.duration.map(Duration::from_secs_f64),
             budget_total: (!unlimited).then_some(total),
             wait_time: !self.no_wait_time,
+            measure_hit_cost: self.hit_cost_us.is_none(),
             locks,
             maps: (!self.no_map_writes).then_some(maps),
             outputs,

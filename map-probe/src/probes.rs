@@ -28,6 +28,7 @@ use map_probe_common::{
 };
 
 use crate::{
+    calibrate,
     catalog::{self, Plan, Purpose},
     links, text,
 };
@@ -146,6 +147,9 @@ pub struct Probes {
     pid: NonZeroU32,
     sets: Vec<Set>,
     control: Control,
+    calibration: Option<Handle>,
+    /// What one trap costs on this host, when measured (`calibrate`).
+    pub trap_cost: Option<Duration>,
 }
 
 impl Probes {
@@ -224,6 +228,8 @@ impl Probes {
             pid: NonZeroU32::new(pid).ok_or_else(|| anyhow!("PID 0 is not a process"))?,
             sets,
             control: Control::default(),
+            calibration: None,
+            trap_cost: None,
         })
     }
 
@@ -529,6 +535,34 @@ impl Drop for Probes {
             }
         }
         links::reap_closers(true);
+    }
+}
+
+impl calibrate::Probe for Probes {
+    /// The lock-wait program itself, on map-probe's own calibration function:
+    /// a hit there costs the trap and the program's check that the process
+    /// is not the target, which is most of what a target's hit costs.
+    fn attach_calibration(&mut self) -> Result<()> {
+        let (exe, off) = calibrate::point()?;
+        let me = NonZeroU32::new(std::process::id()).expect("a process id is never 0");
+        let h = attach_points(
+            &mut self.ebpf,
+            self.mode,
+            Purpose::LockWait,
+            &[(off, 0)],
+            &exe,
+            me,
+        )
+        .context("measuring the cost of one uprobe hit (--hit-cost-us skips this)")?;
+        self.calibration = Some(h);
+        Ok(())
+    }
+
+    fn detach_calibration(&mut self) -> Result<()> {
+        if let Some(h) = self.calibration.take() {
+            drop_link(&mut self.ebpf, self.mode, Purpose::LockWait, h)?;
+        }
+        Ok(())
     }
 }
 

@@ -42,6 +42,9 @@ pub struct Outputs {
     pub top: usize,
 }
 
+/// The hit cost budgeted with when it cannot be measured.
+pub const FALLBACK_HIT_COST_US: f64 = 20.0;
+
 pub struct Options {
     pub duration: Option<Duration>,
     /// `--budget` as a share of one CPU (lock and map probes split it);
@@ -49,6 +52,9 @@ pub struct Options {
     pub budget_total: Option<f64>,
     /// Probe the RETs of the lock-wait functions too, to time each wait.
     pub wait_time: bool,
+    /// Budget with the hit cost measured on this host at start, not the
+    /// configs' figure (which `--hit-cost-us` set).
+    pub measure_hit_cost: bool,
     pub locks: governor::Config,
     /// None: map writes are not watched.
     pub maps: Option<governor::Config>,
@@ -193,15 +199,22 @@ impl Observation {
     pub fn new(target: Target, plans: Plans, probes: Probes, opts: &Options) -> Observation {
         let start = Instant::now();
         let clock = Clock::now();
+        let measured = probes.trap_cost;
+        let costed = |mut c: governor::Config| {
+            if let Some(m) = measured {
+                c.hit_cost = m * crate::calibrate::HIT_COST_PER_TRAP;
+            }
+            c
+        };
         let mut sets = vec![Governed {
             purpose: Purpose::LockWait,
-            gov: Governor::new(opts.locks, start),
+            gov: Governor::new(costed(opts.locks), start),
             counters: [stat::HITS, stat::RET_HITS],
         }];
         if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
             sets.push(Governed {
                 purpose: Purpose::MapWrite,
-                gov: Governor::new(cfg, start),
+                gov: Governor::new(costed(cfg), start),
                 counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
             });
         }
@@ -451,6 +464,7 @@ impl Observation {
                 budget_cpu_percent: self.budget_total.map(|b| b * 100.0),
                 lock_budget_cpu_percent: cfg.budget.map(|b| b * 100.0),
                 hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
+                trap_us: self.probes.trap_cost.map(|t| t.as_secs_f64() * 1e6),
                 window_ms: cfg.window.as_millis() as u64,
                 map_writes,
             },
@@ -553,6 +567,14 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
     // that reused its number) as the probes go in.
     if !target.alive() {
         bail!("PID {} exited before map-probe attached", target.pid);
+    }
+    if opts.measure_hit_cost {
+        match crate::calibrate::once(&mut probes) {
+            Ok(c) => probes.trap_cost = Some(c),
+            Err(e) => eprintln!(
+                "map-probe: warning: {e:#}; budgeting with {FALLBACK_HIT_COST_US} µs per hit"
+            ),
+        }
     }
     if let Err(e) = probes.attach(Purpose::Fatal) {
         if !target.alive() {

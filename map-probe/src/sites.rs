@@ -116,6 +116,16 @@ fn promotion_cost(sites: &mut [Site]) {
     }
 }
 
+/// The 95% relative error of `raw × scale` as an estimate of the whole run's
+/// count: none when nothing was scaled, else that of a Poisson count.
+pub fn count_error(raw: u64, scale: f64) -> f64 {
+    if scale <= 1.0 + 1e-9 {
+        0.0
+    } else {
+        1.96 / (raw.max(1) as f64).sqrt()
+    }
+}
+
 /// Quantile `q` of a log2 histogram, interpolated geometrically inside its
 /// bucket and kept at or under the largest wait seen.
 fn quantile(hist: &[u64; HIST_BUCKETS], q: f64, max_ns: u64) -> u64 {
@@ -349,6 +359,8 @@ pub fn build_sites(
                 kind: a.kind,
                 count: scaled(a.raw),
                 raw_count: a.raw,
+                scale,
+                count_error: count_error(a.raw, scale),
                 wait: Wait {
                     timed: a.timed,
                     total_ns: a.wait_ns,

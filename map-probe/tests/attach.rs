@@ -512,3 +512,45 @@ fn status_line_only_on_a_terminal() {
     );
     assert!(text.contains("RANK"), "{text}");
 }
+
+/// The budget's hit cost is measured on this host at start (a probe on a
+/// function of map-probe's own, timed with and without it) unless
+/// `--hit-cost-us` gives it; each site's estimate carries its error.
+#[test]
+fn hit_cost_is_measured_unless_given() {
+    require_root();
+    let bin = go_fixture("contended", GoToolchain::Go126, Variant::Plain);
+    let fixture = common::start_fixture(&bin, &["-duration", "20s"]);
+    let (_, r) = common::attach_json(fixture.pid(), "hitcost-measured", &["--duration", "2"]);
+    let s = &r["sampling"];
+    let us = s["trap_us"].as_f64().unwrap();
+    // A trap: well under a microsecond on bare metal, ~10-30 µs on VMs.
+    assert!((0.3..500.0).contains(&us), "{s}");
+    // The budget charges twice the trap: the goroutines queued behind a
+    // trapped lock path wait it out too.
+    assert!(
+        (s["hit_cost_us"].as_f64().unwrap() - 2.0 * us).abs() < 0.01,
+        "{s}"
+    );
+    eprintln!("measured trap: {us:.2} µs");
+    for site in r["sites"].as_array().unwrap() {
+        let (raw, scale, err) = (
+            site["raw_count"].as_f64().unwrap(),
+            site["scale"].as_f64().unwrap(),
+            site["count_error"].as_f64().unwrap(),
+        );
+        assert!(scale >= 1.0, "{site}");
+        if scale > 1.0 {
+            assert!((err - 1.96 / raw.sqrt()).abs() < 1e-6, "{site}");
+        } else {
+            assert_eq!(err, 0.0, "{site}");
+        }
+    }
+    let (_, r) = common::attach_json(
+        fixture.pid(),
+        "hitcost-given",
+        &["--duration", "1", "--hit-cost-us", "7"],
+    );
+    assert!(r["sampling"]["trap_us"].is_null());
+    assert_eq!(r["sampling"]["hit_cost_us"].as_f64(), Some(7.0));
+}

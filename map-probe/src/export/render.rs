@@ -283,6 +283,8 @@ mod tests {
             kind: Kind::Mutex,
             count,
             raw_count: count,
+            scale: 1.0,
+            count_error: 0.0,
             wait: Wait {
                 timed: count,
                 total_ns: count * 1000,

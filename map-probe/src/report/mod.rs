@@ -65,7 +65,11 @@ pub struct Sampling {
     /// of it and the map-write probes `map_writes.budget_cpu_percent`.
     pub budget_cpu_percent: Option<f64>,
     pub lock_budget_cpu_percent: Option<f64>,
+    /// What the budget counts one hit as: twice the trap measured on this
+    /// host at start, or `--hit-cost-us`.
     pub hit_cost_us: f64,
+    /// The trap measured at start (null when `--hit-cost-us` was given).
+    pub trap_us: Option<f64>,
     pub window_ms: u64,
     /// The map-write probes' own windows (absent when they were off).
     pub map_writes: Option<MapSampling>,
@@ -125,6 +129,13 @@ pub struct Site {
     /// Estimated waits over the whole run (raw × scale).
     pub count: u64,
     pub raw_count: u64,
+    /// What `raw_count` was multiplied by: the inverse of the share of the
+    /// run this site's probes were in (1: every wait was seen).
+    pub scale: f64,
+    /// The estimate's relative error at 95% confidence, from the raw count
+    /// (a Poisson count of n has a standard error of sqrt(n)): 0 when every
+    /// wait was seen, 0.2 for 96 raw waits, 0.62 for 10.
+    pub count_error: f64,
     pub wait: Wait,
     /// Probe point(s) the waits were seen at.
     pub probe: String,

@@ -30,16 +30,16 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
     } else {
         writeln!(
             out,
-            "\n{:>4} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} CALL SITE",
+            "\n{:>4} {:>17} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} CALL SITE",
             "RANK", "WAITS(est)", "RAW", "MEAN", "P50", "P90", "P99", "MAX", "KIND"
         )?;
         for (i, site) in report.sites.iter().take(top).enumerate() {
             let w = &site.wait;
             writeln!(
                 out,
-                "{:>4} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} {} ({}:{}){}",
+                "{:>4} {:>17} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<14} {} ({}:{}){}",
                 i + 1,
-                group(site.count),
+                estimate(site),
                 group(site.raw_count),
                 duration(w.mean_ns, w.timed),
                 duration(w.p50_ns, w.timed),
@@ -107,6 +107,15 @@ fn sync_map_notes(report: &Report, top: usize, out: &mut impl Write) -> io::Resu
         )?;
     }
     Ok(())
+}
+
+/// The estimated count, with its 95% error where that is above 10%.
+fn estimate(site: &Site) -> String {
+    if site.count_error > 0.1 {
+        format!("{} ±{:.0}%", group(site.count), site.count_error * 100.0)
+    } else {
+        group(site.count)
+    }
 }
 
 /// What the row says about the lock: the global's name, the method of a
