@@ -432,6 +432,12 @@ impl Observation {
                 module: target.bin.main_module().map(str::to_string),
                 stripped: !target.bin.has_symtab(),
                 pie: target.bin.is_pie(),
+                build_id: target.bin.build_id().map(str::to_string),
+                text_mapping: {
+                    let (vaddr, offset, memsz) = target.bin.exec_segment();
+                    let start = vaddr.wrapping_add(target.bias);
+                    (start, start.wrapping_add(memsz), offset)
+                },
             },
             sampling: Sampling {
                 requested_secs: self.requested.map(|d| d.as_secs_f64()),

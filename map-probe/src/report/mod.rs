@@ -18,6 +18,13 @@ pub struct FrameOut {
     pub line: u32,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// The function's `func` line (Go 1.20+; 0, and left out, before).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub start_line: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl From<&Frame> for FrameOut {
@@ -27,6 +34,7 @@ impl From<&Frame> for FrameOut {
             file: f.file.clone(),
             line: f.line,
             inlined: f.inlined,
+            start_line: f.start_line,
         }
     }
 }
@@ -40,6 +48,12 @@ pub struct TargetInfo {
     pub module: Option<String>,
     pub stripped: bool,
     pub pie: bool,
+    /// The executable's build ID: GNU (hex) when it has one, else Go's.
+    pub build_id: Option<String>,
+    /// Where its code is mapped in the process: start, limit and file
+    /// offset of the executable segment (for profile mappings).
+    #[serde(skip)]
+    pub text_mapping: (u64, u64, u64),
 }
 
 #[derive(Serialize, Debug)]
