@@ -277,7 +277,14 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("map-probe: error: {first} (see --help)");
+            // A value out of a fixed set (--weight) names the set on the same line.
+            let valid = match e.get(clap::error::ContextKind::ValidValue) {
+                Some(clap::error::ContextValue::Strings(v)) if !v.is_empty() => {
+                    format!("; possible values: {}", v.join(", "))
+                }
+                _ => String::new(),
+            };
+            eprintln!("map-probe: error: {first}{valid} (see --help)");
             return ExitCode::from(2);
         }
     };
