@@ -376,8 +376,7 @@ fn weight_delay_folds_by_time_waited() {
             let (stack, n) = l.rsplit_once(' ').unwrap();
             let site = stack
                 .split(';')
-                .filter(|f| f.starts_with("main.") && !f.starts_with("main.main"))
-                .next_back()
+                .rfind(|f| f.starts_with("main.") && !f.starts_with("main.main"))
                 .map(|f| f.split(' ').next().unwrap().to_string());
             if let Some(site) = site {
                 *by_site.entry(site).or_default() += n.parse::<f64>().unwrap();
