@@ -282,6 +282,31 @@ fn go_tool_pprof_reads_the_profile() {
                 "{what}: mapping {mapping:?} should name {bin} and build ID {id}"
             );
             assert!(mapping.ends_with("[FN][FL][LN][IN]"), "{what}: {mapping}");
+            // hotPath's location: the inlined Lock first, then hotPath at the
+            // Lock line, with its start line (the `func` line; Go 1.20+ only).
+            let lock = lock_line("hotMu.Lock()");
+            let start = common::fixture_line("contended", "func hotPath", |l| {
+                l.starts_with("func hotPath(")
+            });
+            let locs: Vec<&str> = raw.lines().collect();
+            let at = locs
+                .iter()
+                .position(|l| {
+                    l.contains("main.hotPath ") && l.contains(&format!("main.go:{lock}:"))
+                })
+                .unwrap_or_else(|| panic!("{what}: no hotPath location in -raw:\n{raw}"));
+            assert!(
+                locs[at - 1].contains("sync.(*Mutex).Lock ") && !locs[at].contains(" M=1 "),
+                "{what}: the inlined Lock and hotPath share one location: {:?}",
+                &locs[at - 1..=at]
+            );
+            if go != GoToolchain::Go119 {
+                assert!(
+                    locs[at].trim_end().ends_with(&format!(" s={start}")),
+                    "{what}: hotPath starts at line {start}: {}",
+                    locs[at]
+                );
+            }
             assert!(
                 raw.contains("PeriodType: contentions count"),
                 "{what}:\n{raw}"
