@@ -13,7 +13,7 @@ use map_probe::{
     doctor::{self, Host},
     export::{Exporter, OtlpArgs},
     governor, launch,
-    report::{format::secs, Report, RiskKind},
+    report::{flamegraph::Weight, format::secs, Report, RiskKind},
     session::{self, End, Outputs},
     target::{self, Target},
 };
@@ -92,6 +92,14 @@ struct Common {
     /// Write the full report as JSON (`-`: to stdout, and the table to stderr).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Write a gzipped pprof profile shaped like Go's mutex profile
+    /// (contentions and delay), for `go tool pprof`, Pyroscope or Parca.
+    #[arg(long, value_name = "FILE")]
+    pprof: Option<PathBuf>,
+    /// What the widths in --flamegraph and --folded count: waits, or the
+    /// time waited (delay).
+    #[arg(long, value_enum, default_value_t = Weight::Waits)]
+    weight: Weight,
     /// Rows in the terminal table.
     #[arg(long, default_value_t = 20)]
     top: usize,
@@ -223,6 +231,8 @@ impl Common {
             json: self.json.clone(),
             flamegraph: self.flamegraph.clone(),
             folded: self.folded.clone(),
+            pprof: self.pprof.clone(),
+            weight: self.weight,
             top: self.top,
         };
         outputs.check()?;
@@ -264,7 +274,14 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("map-probe: error: {first} (see --help)");
+            // A value out of a fixed set (--weight) names the set on the same line.
+            let valid = match e.get(clap::error::ContextKind::ValidValue) {
+                Some(clap::error::ContextValue::Strings(v)) if !v.is_empty() => {
+                    format!("; possible values: {}", v.join(", "))
+                }
+                _ => String::new(),
+            };
+            eprintln!("map-probe: error: {first}{valid} (see --help)");
             return ExitCode::from(2);
         }
     };
@@ -335,8 +352,12 @@ fn run_agent(select: Selector, rescan: f64, common: &Common) -> Result<ExitCode>
     if select.is_empty() {
         bail!("say which processes to watch: --exe NAME, --pid PID or --all-go");
     }
-    if common.json.is_some() || common.flamegraph.is_some() || common.folded.is_some() {
-        bail!("the agent exports over OTLP only; --json, --flamegraph and --folded are for attach and run");
+    if common.json.is_some()
+        || common.flamegraph.is_some()
+        || common.folded.is_some()
+        || common.pprof.is_some()
+    {
+        bail!("the agent exports over OTLP only; --json, --flamegraph, --folded and --pprof are for attach and run");
     }
     if !(rescan.is_finite() && rescan >= 0.1) {
         bail!("--rescan must be a number of seconds, at least 0.1");

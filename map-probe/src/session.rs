@@ -39,6 +39,10 @@ pub struct Outputs {
     pub json: Option<PathBuf>,
     pub flamegraph: Option<PathBuf>,
     pub folded: Option<PathBuf>,
+    /// A gzipped pprof profile (Go's mutex profile shape).
+    pub pprof: Option<PathBuf>,
+    /// What the flamegraph's and the folded stacks' widths count.
+    pub weight: report::flamegraph::Weight,
     pub top: usize,
 }
 
@@ -445,6 +449,12 @@ impl Observation {
                 module: target.bin.main_module().map(str::to_string),
                 stripped: !target.bin.has_symtab(),
                 pie: target.bin.is_pie(),
+                build_id: target.bin.build_id().map(str::to_string),
+                text_mapping: {
+                    let (vaddr, offset, memsz) = target.bin.exec_segment();
+                    let start = vaddr.wrapping_add(target.bias);
+                    (start, start.wrapping_add(memsz), offset)
+                },
             },
             sampling: Sampling {
                 requested_secs: self.requested.map(|d| d.as_secs_f64()),
@@ -717,6 +727,7 @@ impl Outputs {
             ("--json", self.json.as_deref()),
             ("--folded", self.folded.as_deref()),
             ("--flamegraph", self.flamegraph.as_deref()),
+            ("--pprof", self.pprof.as_deref()),
         ]
         .into_iter()
         .filter_map(|(flag, p)| Some((flag, p?)))
@@ -729,6 +740,7 @@ impl Outputs {
         for (flag, p) in [
             ("--folded", &self.folded),
             ("--flamegraph", &self.flamegraph),
+            ("--pprof", &self.pprof),
         ] {
             if p.as_deref().is_some_and(is_stdout) {
                 bail!("{flag} - is not supported: only --json writes to stdout");
@@ -807,10 +819,16 @@ pub fn write_outputs(report: &Report, outputs: &Outputs) -> Result<()> {
         emit(p, report::json::render(report));
     }
     if let Some(p) = &outputs.folded {
-        emit(p, Ok(report::flamegraph::render_folded(report)));
+        emit(
+            p,
+            Ok(report::flamegraph::render_folded(report, outputs.weight)),
+        );
     }
     if let Some(p) = &outputs.flamegraph {
-        emit(p, report::flamegraph::render_svg(report));
+        emit(p, report::flamegraph::render_svg(report, outputs.weight));
+    }
+    if let Some(p) = &outputs.pprof {
+        emit(p, report::pprof::render(report));
     }
     if !wrote.is_empty() {
         let _ = writeln!(ui.lock(), "wrote {}", wrote.join(", "));

@@ -40,6 +40,7 @@ pub fn site_of(frames: &[FrameOut]) -> FrameOut {
             file: "?".into(),
             line: 0,
             inlined: false,
+            start_line: 0,
         })
 }
 
@@ -404,6 +405,7 @@ mod tests {
             file: "x.go".into(),
             line: 1,
             inlined: false,
+            start_line: 0,
         }
     }
 

@@ -56,6 +56,7 @@ impl<'a> Symbolizer<'a> {
                     file: "?".into(),
                     line: 0,
                     inlined: false,
+                    start_line: 0,
                 }]
             } else {
                 frames

@@ -13,7 +13,9 @@
 //!
 //! `render` is the pure part: what of a `Report` becomes which span,
 //! attribute and data point. `sdk` builds the per-target pipelines.
+//! `profiles` renders and sends the OTLP Profiles signal (`--otlp-profiles`).
 
+mod profiles;
 mod render;
 mod sdk;
 
@@ -56,6 +58,12 @@ pub struct OtlpArgs {
     /// metric series; the rest are folded into one series.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub otlp_top: usize,
+    /// Also send each interval's contention profile (contentions and delay
+    /// per stack, as in --pprof) over the OTLP Profiles signal. It is a
+    /// development signal (`v1development`): the collector needs
+    /// `--feature-gates=service.profilesSupport`.
+    #[arg(long)]
+    pub otlp_profiles: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +81,8 @@ pub struct Config {
     pub timeout: Duration,
     pub interval: Duration,
     pub top: usize,
+    /// Send the OTLP Profiles signal too.
+    pub profiles: bool,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -113,6 +123,9 @@ impl OtlpArgs {
             .clone()
             .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
         else {
+            if self.otlp_profiles {
+                bail!("--otlp-profiles needs a collector: give --otlp-endpoint URL or set OTEL_EXPORTER_OTLP_ENDPOINT");
+            }
             return Ok(None);
         };
         let endpoint = endpoint.trim().trim_end_matches('/').to_string();
@@ -125,6 +138,7 @@ impl OtlpArgs {
             timeout,
             interval: Duration::from_secs_f64(self.interval),
             top: self.otlp_top,
+            profiles: self.otlp_profiles,
         }))
     }
 }

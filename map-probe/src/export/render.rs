@@ -325,6 +325,7 @@ mod tests {
             file: "/src/mapcrash/main.go".into(),
             line: 17,
             inlined: false,
+            start_line: 0,
         };
         assert_eq!(
             stacktrace(&[f]),

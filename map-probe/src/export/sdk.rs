@@ -26,8 +26,12 @@ use opentelemetry_sdk::{
     Resource,
 };
 
-use super::{render, Config, Protocol};
+use super::{profiles, render, Config, Protocol};
 use crate::report::{Report, TargetInfo};
+use opentelemetry_proto::tonic::{
+    collector::profiles::v1development::ExportProfilesServiceRequest,
+    resource::v1::Resource as ProtoResource,
+};
 
 /// The SDK's own timers never fire in practice: the export thread flushes.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -120,12 +124,25 @@ pub struct Pipeline {
     pub dropped_recorded: u64,
     /// Risk counts already added to the risks counter, by risk id.
     pub risk_counts: std::collections::HashMap<String, u64>,
+    /// `--otlp-profiles`: the sender, the target's resource as a proto
+    /// message, and the intervals' profiles not yet sent (at most
+    /// `MAX_PENDING_PROFILES`; older ones go first, counted as lost).
+    profiles: Option<(profiles::Sender, ProtoResource)>,
+    pending_profiles: Vec<ExportProfilesServiceRequest>,
 }
+
+/// Profiles held for a collector that is backed off from.
+const MAX_PENDING_PROFILES: usize = 4;
 
 impl Pipeline {
     /// Must run inside the export thread's tokio runtime (tonic needs it).
     pub fn new(cfg: &Config, target: &TargetInfo) -> Result<Pipeline> {
         let resource = resource(target);
+        let profiles = if cfg.profiles {
+            Some((profiles::Sender::new(cfg)?, profiles::resource(&resource)))
+        } else {
+            None
+        };
         let span_health = Arc::new(Health::default());
         let metric_health = Arc::new(Health::default());
         let (spans, metrics) = exporters(cfg)?;
@@ -204,12 +221,23 @@ impl Pipeline {
             dropped: 0,
             dropped_recorded: 0,
             risk_counts: Default::default(),
+            profiles,
+            pending_profiles: Vec::new(),
         })
     }
 
     /// Records one interval's report (spans only when `with_spans`).
     pub fn record(&mut self, r: &Report, top: usize, with_spans: bool) {
         let spans = render::record(self, r, top, with_spans);
+        if let Some((_, res)) = &self.profiles {
+            if let Some(req) = profiles::request(r, res.clone()) {
+                if self.pending_profiles.len() >= MAX_PENDING_PROFILES {
+                    self.pending_profiles.remove(0);
+                    self.dropped += 1;
+                }
+                self.pending_profiles.push(req);
+            }
+        }
         self.pending_intervals += 1;
         if with_spans {
             self.lost_intervals += 1;
@@ -232,13 +260,27 @@ impl Pipeline {
             .metric_health
             .take()
             .or_else(|| m.err().map(|e| e.to_string()));
-        let lost = if spans.is_some() {
+        let mut lost = if spans.is_some() {
             self.lost_intervals
         } else {
             0
         };
         self.lost_intervals = 0;
-        match spans.or(metrics) {
+        // Profiles after the other signals; a failed one is not retried
+        // (the next interval brings its own), but counted.
+        let mut profile_error = None;
+        if let Some((sender, _)) = self.profiles.as_mut() {
+            let pending = std::mem::take(&mut self.pending_profiles);
+            let n = pending.len() as u64;
+            for (i, req) in pending.into_iter().enumerate() {
+                if let Err(e) = sender.send(req) {
+                    lost = lost.max(n - i as u64);
+                    profile_error = Some(e);
+                    break;
+                }
+            }
+        }
+        match spans.or(metrics).or(profile_error) {
             None => {
                 self.pending_intervals = 0;
                 Ok(())

@@ -10,6 +10,7 @@
 //!   pub fn parse(data: Vec<u8>, path: &Path) -> Result<GoBinary, GoBinError>;
 //!   pub fn go_version(&self) -> &GoVersion;
 //!   pub fn main_module(&self) -> Option<&str>; // the `mod` path in .go.buildinfo
+//!   pub fn build_id(&self) -> Option<&str>;    // GNU build ID (hex), else Go's
 //!   pub fn has_symtab(&self) -> bool;          // false when .symtab is stripped
 //!   pub fn is_pie(&self) -> bool;              // ET_DYN
 //!   pub fn text_start(&self) -> u64;           // runtime.text (link-time vaddr)
@@ -23,7 +24,8 @@
 //! }
 //! pub struct GoVersion { pub major: u32, pub minor: u32, pub patch: u32, pub raw: String }
 //! pub struct Func { pub name: String, pub entry: u64, pub end: u64 }
-//! pub struct Frame { pub function: String, pub file: String, pub line: u32, pub inlined: bool }
+//! pub struct Frame { pub function: String, pub file: String, pub line: u32, pub inlined: bool,
+//!                    pub start_line: u32 }  // start_line 0 before Go 1.20
 //! pub struct ProbePoints { pub entry: u64, pub after_check: u64, pub rets: Vec<u64> }
 //! pub enum GoBinError { Io(..), NotElf(..), NotGo(..), Unsupported(..), Decode(..) } + Display
 //!
@@ -42,7 +44,7 @@ use std::path::{Path, PathBuf};
 
 use object::elf;
 use object::read::elf::{ElfFile64, FileHeader};
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 use image::Image;
 use moduledata::Moduledata;
@@ -98,6 +100,10 @@ pub struct Frame {
     pub line: u32,
     /// True for a call the compiler inlined into the next (outer) frame.
     pub inlined: bool,
+    /// The line of the function's `func` keyword (`_func.startLine`, and
+    /// the inline tree's own for inlined calls); 0 before Go 1.20, whose
+    /// pclntab does not record it.
+    pub start_line: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +174,7 @@ pub struct GoBinary {
     img: Image,
     version: GoVersion,
     main_module: Option<String>,
+    build_id: Option<String>,
     has_symtab: bool,
     is_pie: bool,
     text_start: u64,
@@ -231,6 +238,7 @@ impl GoBinary {
         let sym_pclntab = symbol("runtime.pclntab");
         let sym_moduledata = symbol("runtime.firstmoduledata");
         let sym_gofunc = symbol("go:func.*").or_else(|| symbol("go.func.*"));
+        let build_id = build_id(&file);
         let layout = Image::layout_of(&file);
         drop(file);
         let img = layout.with_data(data);
@@ -316,6 +324,7 @@ impl GoBinary {
             img,
             version,
             main_module,
+            build_id,
             has_symtab,
             is_pie,
             text_start,
@@ -350,6 +359,13 @@ impl GoBinary {
     /// `github.com/acme/shop`), when the binary was built in module mode.
     pub fn main_module(&self) -> Option<&str> {
         self.main_module.as_deref()
+    }
+
+    /// The build ID pprof matches binaries by: the GNU build ID in hex
+    /// (`.note.gnu.build-id`, which external links and `-B` add), else the
+    /// Go build ID (`.note.go.buildid`, which `go build` always writes).
+    pub fn build_id(&self) -> Option<&str> {
+        self.build_id.as_deref()
     }
 
     pub fn has_symtab(&self) -> bool {
@@ -411,7 +427,7 @@ impl GoBinary {
         let Some(f) = self.pcln.func(self.table[i].funcoff) else {
             return Vec::new();
         };
-        let frame = |function: &str, pcoff: u64, inlined: bool| {
+        let frame = |function: &str, start_line: u32, pcoff: u64, inlined: bool| {
             let (file, line) = self
                 .pcln
                 .file_line(&f, pcoff)
@@ -421,6 +437,7 @@ impl GoBinary {
                 file,
                 line,
                 inlined,
+                start_line,
             }
         };
         let mut frames = Vec::new();
@@ -437,7 +454,7 @@ impl GoBinary {
                     break;
                 };
                 let name = self.pcln.name(call.name_off).unwrap_or("?");
-                frames.push(frame(name, pcoff, true));
+                frames.push(frame(name, call.start_line, pcoff, true));
                 match u64::try_from(call.parent_pc) {
                     Ok(p) => pcoff = p,
                     Err(_) => break,
@@ -445,7 +462,7 @@ impl GoBinary {
             }
         }
         let name = self.pcln.name(f.name_off).unwrap_or("?");
-        frames.push(frame(name, pcoff, false));
+        frames.push(frame(name, f.start_line, pcoff, false));
         frames
     }
 
@@ -526,6 +543,24 @@ fn elide_brackets(name: &str) -> Option<String> {
     let i = name.find('[')?;
     let j = name.rfind(']').filter(|&j| j > i)?;
     Some(format!("{}[...]{}", &name[..i], &name[j + 1..]))
+}
+
+/// The GNU build ID in hex, else the Go build ID: both are ELF notes, which
+/// `strip` and `-ldflags=-s -w` keep.
+fn build_id(file: &ElfFile64<'_>) -> Option<String> {
+    if let Ok(Some(id)) = file.build_id() {
+        if !id.is_empty() {
+            return Some(id.iter().map(|b| format!("{b:02x}")).collect());
+        }
+    }
+    let data = file.section_by_name(".note.go.buildid")?.data().ok()?;
+    // One note: namesz, descsz, type (4, "Go\0\0"), then the ID string.
+    let word = |at: usize| Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?));
+    let (namesz, descsz) = (word(0)? as usize, word(4)? as usize);
+    let desc_at = 12usize.checked_add(namesz.checked_add(3)? & !3)?;
+    let desc = data.get(desc_at..desc_at.checked_add(descsz)?)?;
+    let id = std::str::from_utf8(desc).ok()?.trim_end_matches('\0');
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 fn unsupported(raw: &str) -> GoBinError {

@@ -45,6 +45,8 @@ pub(crate) struct Pclntab {
 /// One `_func` record, decoded.
 pub(crate) struct FuncInfo {
     pub name_off: i32,
+    /// `_func.startLine`: the line of the `func` keyword (Go 1.20+; 0 before).
+    pub start_line: u32,
     pub pcfile: u32,
     pub pcln: u32,
     pub cu_offset: u32,
@@ -58,6 +60,8 @@ pub(crate) struct FuncInfo {
 pub(crate) struct InlinedCall {
     pub name_off: i32,
     pub parent_pc: i32,
+    /// The inlined function's `func` line (Go 1.20+; 0 before).
+    pub start_line: u32,
 }
 
 #[derive(Debug)]
@@ -154,8 +158,13 @@ impl Pclntab {
             Layout::Go118 => 40,
             Layout::Go120 => 44,
         };
+        let start_line = match self.layout {
+            Layout::Go118 => 0,
+            Layout::Go120 => self.u32_at(at + 36)?,
+        };
         Some(FuncInfo {
             name_off: self.i32_at(at + 4)?,
+            start_line,
             pcfile: self.u32_at(at + 20)?,
             pcln: self.u32_at(at + 24)?,
             npcdata: self.u32_at(at + 28)?,
@@ -263,6 +272,7 @@ impl Pclntab {
                 Some(InlinedCall {
                     name_off: rd(node + 12)?,
                     parent_pc: rd(node + 16)?,
+                    start_line: 0,
                 })
             }
             // {funcID uint8; _ [3]byte; nameOff int32; parentPc int32; startLine int32}
@@ -271,6 +281,7 @@ impl Pclntab {
                 Some(InlinedCall {
                     name_off: rd(node + 4)?,
                     parent_pc: rd(node + 8)?,
+                    start_line: u32::try_from(rd(node + 12)?).unwrap_or(0),
                 })
             }
         }

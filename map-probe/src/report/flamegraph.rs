@@ -1,5 +1,6 @@
 //! Contention flamegraphs: one frame per Go function (inlined ones included)
-//! named `function file:line`, width by the number of waits below it.
+//! named `function file:line`, width by the number of waits below it, or by
+//! the time waited there (`--weight delay`).
 
 use anyhow::{anyhow, Result};
 use inferno::flamegraph::{self, Options};
@@ -9,12 +10,31 @@ use super::{
     Report,
 };
 
-/// Folded stacks (`root;...;leaf count`), the format flamegraph tools share.
-pub fn folded(report: &Report) -> Vec<String> {
+/// What a tower's width counts (`--weight`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Weight {
+    /// Estimated waits.
+    #[default]
+    Waits,
+    /// Estimated time waited, in nanoseconds.
+    Delay,
+}
+
+impl Weight {
+    fn of(self, s: &super::StackCount) -> u64 {
+        match self {
+            Weight::Waits => s.count,
+            Weight::Delay => s.delay_ns,
+        }
+    }
+}
+
+/// Folded stacks (`root;...;leaf weight`), the format flamegraph tools share.
+pub fn folded(report: &Report, weight: Weight) -> Vec<String> {
     report
         .stacks
         .iter()
-        .filter(|s| s.count > 0)
+        .filter(|s| weight.of(s) > 0)
         .map(|s| {
             let mut parts: Vec<String> = s
                 .frames
@@ -25,19 +45,19 @@ pub fn folded(report: &Report) -> Vec<String> {
                 })
                 .collect();
             parts.push(format!("[{}]", s.kind.as_str()));
-            format!("{} {}", parts.join(";"), s.count)
+            format!("{} {}", parts.join(";"), weight.of(s))
         })
         .collect()
 }
 
-pub fn render_folded(report: &Report) -> Vec<u8> {
-    let mut text = folded(report).join("\n");
+pub fn render_folded(report: &Report, weight: Weight) -> Vec<u8> {
+    let mut text = folded(report, weight).join("\n");
     text.push('\n');
     text.into_bytes()
 }
 
-pub fn render_svg(report: &Report) -> Result<Vec<u8>> {
-    let lines = folded(report);
+pub fn render_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
+    let lines = folded(report, weight);
     let mut opts = Options::default();
     opts.title = format!(
         "Lock contention: pid {} {} ({}), {:.1} s",
@@ -46,13 +66,17 @@ pub fn render_svg(report: &Report) -> Result<Vec<u8>> {
         report.target.go_version,
         report.sampling.elapsed_secs
     );
+    let (what, unit) = match weight {
+        Weight::Waits => ("waits", "waits"),
+        Weight::Delay => ("time waited", "ns waited"),
+    };
     opts.subtitle = Some(format!(
-        "waits seen by map-probe, probes attached {} in {} window(s), counts x{:.2}",
+        "{what} seen by map-probe, probes attached {} in {} window(s), counts x{:.2}",
         secs(report.sampling.attached_secs),
         report.sampling.windows,
         report.sampling.scale
     ));
-    opts.count_name = "waits".into();
+    opts.count_name = unit.into();
     opts.name_type = "Frame:".into();
     let mut svg = Vec::new();
     let empty = ["no contention seen 1".to_string()];

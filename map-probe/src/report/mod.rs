@@ -5,6 +5,8 @@
 pub mod flamegraph;
 pub mod format;
 pub mod json;
+pub mod pprof;
+pub mod profile;
 pub mod terminal;
 
 use serde::Serialize;
@@ -18,6 +20,13 @@ pub struct FrameOut {
     pub line: u32,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// The function's `func` line (Go 1.20+; 0, and left out, before).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub start_line: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl From<&Frame> for FrameOut {
@@ -27,6 +36,7 @@ impl From<&Frame> for FrameOut {
             file: f.file.clone(),
             line: f.line,
             inlined: f.inlined,
+            start_line: f.start_line,
         }
     }
 }
@@ -40,6 +50,12 @@ pub struct TargetInfo {
     pub module: Option<String>,
     pub stripped: bool,
     pub pie: bool,
+    /// The executable's build ID: GNU (hex) when it has one, else Go's.
+    pub build_id: Option<String>,
+    /// Where its code is mapped in the process: start, limit and file
+    /// offset of the executable segment (for profile mappings).
+    #[serde(skip)]
+    pub text_mapping: (u64, u64, u64),
 }
 
 #[derive(Serialize, Debug)]
@@ -243,4 +259,47 @@ pub struct Risk {
     pub last_seen_secs: f64,
     pub first_seen_unix_nanos: u64,
     pub writers: Vec<WriterOut>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report holding only `stacks`, for the renderers' own tests.
+    pub(crate) fn report_with(stacks: Vec<StackCount>) -> Report {
+        Report {
+            target: TargetInfo {
+                pid: 1,
+                exe: "/bin/prog".into(),
+                go_version: "go1.26.8".into(),
+                module: None,
+                stripped: false,
+                pie: false,
+                build_id: Some("abc".into()),
+                text_mapping: (0x401000, 0x500000, 0x1000),
+            },
+            sampling: Sampling {
+                requested_secs: Some(1.0),
+                start_unix_nanos: 1_000_000_000,
+                elapsed_secs: 1.0,
+                attached_secs: 1.0,
+                windows: 1,
+                raw_hits: 0,
+                raw_ret_hits: 0,
+                scale: 1.0,
+                method: String::new(),
+                budget_cpu_percent: None,
+                lock_budget_cpu_percent: None,
+                hit_cost_us: 20.0,
+                window_ms: 500,
+                map_writes: None,
+            },
+            probes: Vec::new(),
+            drops: Drops::default(),
+            end: "duration".into(),
+            sites: Vec::new(),
+            risks: Vec::new(),
+            stacks,
+        }
+    }
 }

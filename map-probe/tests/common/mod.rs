@@ -566,10 +566,22 @@ pub struct Collector {
     pub http_port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Started with `--feature-gates=service.profilesSupport` and a
+    /// profiles pipeline into the same file.
+    profiles: bool,
 }
 
 impl Collector {
     pub fn start(name: &str) -> Collector {
+        Collector::start_with(name, false)
+    }
+
+    /// With the (development) profiles signal accepted and written too.
+    pub fn start_with_profiles(name: &str) -> Collector {
+        Collector::start_with(name, true)
+    }
+
+    fn start_with(name: &str, profiles: bool) -> Collector {
         let dir = tmp(&format!("otelcol-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -578,6 +590,12 @@ impl Collector {
             http_port: free_port(),
             dir,
             child: None,
+            profiles,
+        };
+        let profiles_pipeline = if profiles {
+            "    profiles:\n      receivers: [otlp]\n      exporters: [file]\n"
+        } else {
+            ""
         };
         let config = format!(
             "receivers:
@@ -602,7 +620,7 @@ service:
     metrics:
       receivers: [otlp]
       exporters: [file]
-",
+{profiles_pipeline}",
             grpc = c.grpc_port,
             http = c.http_port,
             out = c.out_path().display()
@@ -620,13 +638,14 @@ service:
     /// receivers accept connections.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "collector already running");
-        let child = Child::spawn(
-            otelcol_bin(),
-            &[format!(
-                "--config={}",
-                self.dir.join("config.yaml").display()
-            )],
-        );
+        let mut args = vec![format!(
+            "--config={}",
+            self.dir.join("config.yaml").display()
+        )];
+        if self.profiles {
+            args.push("--feature-gates=service.profilesSupport".into());
+        }
+        let child = Child::spawn(otelcol_bin(), &args);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         for port in [self.grpc_port, self.http_port] {
