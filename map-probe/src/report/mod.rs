@@ -291,6 +291,7 @@ pub(crate) mod tests {
                 budget_cpu_percent: None,
                 lock_budget_cpu_percent: None,
                 hit_cost_us: 20.0,
+                trap_us: None,
                 window_ms: 500,
                 map_writes: None,
             },
