@@ -14,6 +14,22 @@ pub const COOKIE_SYNCMAP_MISS: u64 = 1 << 33;
 /// rebuilds the dirty map, an O(n) copy under the map's mutex.
 pub const COOKIE_SYNCMAP_REBUILD: u64 = 1 << 34;
 pub const COOKIE_SYNCMAP: u64 = COOKIE_SYNCMAP_MISS | COOKIE_SYNCMAP_REBUILD;
+/// A per-site point on a CALL inside a function, where `*(rsp)` is not a
+/// return address.
+pub const COOKIE_AT_CALL: u64 = 1 << 35;
+/// Bits 36-38: the lock tier the point is in (0 steady, 1.. windowed, each
+/// with its own duty), so that each tier's governor sees its own hits.
+pub const COOKIE_TIER_SHIFT: u32 = 36;
+pub const LOCK_TIERS: usize = 8;
+
+/// The counter of a lock tier's entry (or end) hits.
+pub const fn tier_stat(tier: usize, end: bool) -> u32 {
+    match (tier, end) {
+        (0, false) => stat::HITS,
+        (0, true) => stat::RET_HITS,
+        (t, e) => stat::TIER_HITS + 2 * (t as u32 - 1) + e as u32,
+    }
+}
 
 /// Indexes into the per-CPU `STATS` array. Every event the kernel side cannot
 /// record is counted here, so the report can say what it lost.
@@ -50,7 +66,10 @@ pub mod stat {
     pub const OVERLAP_CANDIDATES: u32 = 14;
     /// A timed wait left out of its site's histogram: the histogram map was full.
     pub const HIST_FULL: u32 = 15;
-    pub const COUNT: u32 = 16;
+    /// Entry and end hits of lock-wait points in tiers 1-7, two each
+    /// (`tier_stat`); tier 0's are `HITS` and `RET_HITS`.
+    pub const TIER_HITS: u32 = 16;
+    pub const COUNT: u32 = 30;
 }
 
 /// The per-CPU counters, in one map entry so the agent reads them all in one
@@ -67,10 +86,10 @@ pub struct Counters {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Control {
     pub generation: u64,
-    /// CLOCK_MONOTONIC when the current lock window began to open: a wait
-    /// remembered from before it ended unseen (its RET fell in a gap), so a
-    /// later RET of the same goroutine is not its end.
-    pub lock_since_ns: u64,
+    /// CLOCK_MONOTONIC when each lock tier's current window began to open: a
+    /// wait remembered from before it ended unseen (its RET fell in a gap),
+    /// so a later RET of the same goroutine is not its end.
+    pub lock_since_ns: [u64; LOCK_TIERS],
 }
 
 /// One call of a map write: the goroutine (`g`, R14) and how deep in its
@@ -243,6 +262,8 @@ pub const MAX_LOCKS: u32 = 65536;
 pub struct Inflight {
     pub start_ns: u64,
     pub key: SiteKey,
+    /// The tier of the point the wait began at.
+    pub tier: u64,
 }
 
 pub const MAX_SITES: u32 = 16384;

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_RET, COOKIE_SYNCMAP, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
+    COOKIE_AT_CALL, COOKIE_RET, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
     MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
@@ -138,13 +138,16 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
     let regs = unsafe { &*ctx.regs };
     let g = regs.r14;
     let now = unsafe { bpf_ktime_get_ns() };
+    let tier = ((cookie >> COOKIE_TIER_SHIFT) as usize) & (LOCK_TIERS - 1);
     if cookie & COOKIE_RET != 0 {
-        bump(stat::RET_HITS);
+        bump(tier_stat(tier, true));
         // Most sync.Map calls end without the event their entry looked for.
         wait_ended(g, now, cookie & COOKIE_SYNCMAP == 0);
         return 0;
     }
-    bump(stat::HITS);
+    bump(tier_stat(tier, false));
+    // At a CALL mid-function, *(rsp) is a spill slot, not a return address.
+    let sp = if cookie & COOKIE_AT_CALL != 0 { 0 } else { regs.rsp };
     if cookie & COOKIE_SYNCMAP != 0 {
         // The receiver, a *sync.Map, is in RAX.
         let wanted = if cookie & COOKIE_SYNCMAP_MISS != 0 {
@@ -153,12 +156,13 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
             cookie & COOKIE_SYNCMAP_REBUILD != 0 && syncmap_rebuilds(regs.rax)
         };
         if wanted {
-            wait_started(&ctx, cookie as u32, regs.rsp, g, 0, now);
+            wait_started(&ctx, cookie, sp, g, 0, now);
         }
         return 0;
     }
-    // Every semaphore acquire takes the semaphore's address first (RAX).
-    wait_started(&ctx, cookie as u32, regs.rsp, g, regs.rax, now);
+    // Every semaphore acquire takes the semaphore's address first (RAX),
+    // and lockSlow its Mutex.
+    wait_started(&ctx, cookie, sp, g, regs.rax, now);
     0
 }
 
@@ -187,8 +191,13 @@ fn syncmap_rebuilds(m: u64) -> bool {
 }
 
 #[inline(always)]
-fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, sema: u64, now: u64) {
-    let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+fn wait_started(ctx: &ProbeContext, cookie: u64, sp: u64, g: u64, sema: u64, now: u64) {
+    let probe = cookie as u32;
+    let caller = if sp == 0 {
+        0
+    } else {
+        unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0)
+    };
     let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
         Ok(id) => id as i32,
         Err(_) => {
@@ -211,7 +220,11 @@ fn wait_started(ctx: &ProbeContext, probe: u32, sp: u64, g: u64, sema: u64, now:
     if sema != 0 {
         lock_seen(LockKey { site: key, sema });
     }
-    let inf = Inflight { start_ns: now, key };
+    let inf = Inflight {
+        start_ns: now,
+        key,
+        tier: (cookie >> COOKIE_TIER_SHIFT) & (LOCK_TIERS as u64 - 1),
+    };
     if INFLIGHT.insert(&g, &inf, 0).is_err() {
         bump(stat::INFLIGHT_FULL);
     }
@@ -306,7 +319,13 @@ fn wait_ended(g: u64, now: u64, count_unmatched: bool) {
         return;
     };
     let _ = INFLIGHT.remove(&g);
-    if inf.start_ns < CONTROL.get(0).map_or(0, |c| c.lock_since_ns) {
+    let since = CONTROL.get(0).map_or(0, |c| {
+        c.lock_since_ns
+            .get(inf.tier as usize & (LOCK_TIERS - 1))
+            .copied()
+            .unwrap_or(0)
+    });
+    if inf.start_ns < since {
         bump(stat::RET_UNMATCHED);
         return;
     }

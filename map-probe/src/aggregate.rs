@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use map_probe_common::{stat, SiteKey, SiteStats, HIST_BUCKETS};
+use map_probe_common::{stat, tier_stat, SiteKey, SiteStats, HIST_BUCKETS, LOCK_TIERS};
 use serde::Serialize;
 
 use crate::probes::Probes;
@@ -139,8 +139,12 @@ pub struct Totals {
 /// The loss counters and hit totals out of `Probes::stats()`.
 pub fn totals(s: &[u64]) -> Totals {
     Totals {
-        hits: s[stat::HITS as usize],
-        ret_hits: s[stat::RET_HITS as usize],
+        hits: (0..LOCK_TIERS)
+            .map(|t| s[tier_stat(t, false) as usize])
+            .sum(),
+        ret_hits: (0..LOCK_TIERS)
+            .map(|t| s[tier_stat(t, true) as usize])
+            .sum(),
         drops: Drops {
             stack_lost: s[stat::STACK_LOST as usize],
             site_map_full: s[stat::AGG_FULL as usize],

@@ -206,6 +206,12 @@ pub const FATALS: &[Row] = &[
 /// is laid out as `sync.Mutex` was.
 pub const SEMA_FIELDS: &[(&str, u64, &str)] = &[
     ("(*Mutex).lockSlow", 4, "Mutex{state int32; sema uint32}"),
+    // At a per-site point, the CALL of lockSlow: its argument is the Mutex.
+    (
+        "(*Mutex).Lock",
+        0,
+        "lockSlow's receiver, at its CALL from the inlined Lock",
+    ),
     (
         "(*RWMutex).RLock",
         12,
@@ -257,6 +263,57 @@ fn rows(purpose: Purpose) -> impl Iterator<Item = &'static Row> {
         .filter(move |r| r.purpose == purpose)
 }
 
+/// What a lock wait's slow path calls, wherever the fast path failed. Each
+/// CALL to one of these is a per-site probe point: the CALL instruction
+/// (reached only once the inlined fast path failed) starts the wait, the
+/// instruction after it ends it. A cold call site then costs only its own
+/// hits, and a hot one can be windowed without starving the rest.
+pub struct SiteTarget {
+    pub symbol: &'static str,
+    pub since: u32,
+    pub until: Option<u32>,
+    pub kind: Kind,
+}
+
+pub const SITE_TARGETS: &[SiteTarget] = &[
+    // Mutex.Lock is inlined and calls lockSlow once its CAS failed; the
+    // slow path spins, then parks on the semaphore, maybe more than once.
+    SiteTarget {
+        symbol: "sync.(*Mutex).lockSlow",
+        since: 19,
+        until: Some(23),
+        kind: Kind::Mutex,
+    },
+    SiteTarget {
+        symbol: "internal/sync.(*Mutex).lockSlow",
+        since: 24,
+        until: None,
+        kind: Kind::Mutex,
+    },
+    // An inlined RLock parks on the reader semaphore itself; RWMutex.Lock
+    // (not inlined) on the writer semaphore, while readers remain.
+    SiteTarget {
+        symbol: "sync.runtime_SemacquireRWMutexR",
+        since: 20,
+        until: None,
+        kind: Kind::RwmutexRead,
+    },
+    SiteTarget {
+        symbol: "sync.runtime_SemacquireRWMutex",
+        since: 20,
+        until: None,
+        kind: Kind::RwmutexWrite,
+    },
+    // Before 1.20 both RWMutex waits park on this one, as lockSlow does
+    // (its own call is left out: lockSlow's callers are the points).
+    SiteTarget {
+        symbol: "sync.runtime_SemacquireMutex",
+        since: 19,
+        until: Some(19),
+        kind: Kind::Mutex,
+    },
+];
+
 /// A catalog row resolved against one binary: where the uprobes go.
 #[derive(Clone, Debug)]
 pub struct Point {
@@ -265,6 +322,49 @@ pub struct Point {
     /// File offsets for attaching: the entry (after the stack check) and every RET.
     pub entry_offset: u64,
     pub ret_offsets: Vec<u64>,
+    /// For a per-site point, the CALL's address (link-time): the probe sits
+    /// mid-function, where `*(rsp)` is no return address.
+    pub call: Option<u64>,
+}
+
+/// Per-site points for every CALL to a `SITE_TARGETS` function in the
+/// binary (none when it has none: then the semaphore functions themselves
+/// are probed, shared by every site). A call whose next instruction some
+/// jump also reaches gets no end probe: it is counted, not timed.
+pub fn site_points(bin: &GoBinary) -> Vec<Point> {
+    let v = bin.go_version();
+    let targets: Vec<(u64, &SiteTarget)> = SITE_TARGETS
+        .iter()
+        .filter(|t| v.minor >= t.since && t.until.is_none_or(|u| v.minor <= u))
+        .filter_map(|t| Some((bin.func_by_name(t.symbol)?.entry, t)))
+        .collect();
+    // Calls from inside lockSlow are its callers' waits, already counted.
+    let skip: Vec<u64> = ["sync.(*Mutex).lockSlow", "internal/sync.(*Mutex).lockSlow"]
+        .iter()
+        .filter_map(|n| Some(bin.func_by_name(n)?.entry))
+        .collect();
+    let addrs: Vec<u64> = targets.iter().map(|t| t.0).collect();
+    let mut points = Vec::new();
+    for (_, c) in bin.calls_to(&addrs, &skip) {
+        let Some(t) = targets.iter().find(|t| t.0 == c.target).map(|t| t.1) else {
+            continue;
+        };
+        let (Some(entry), Some(next)) = (bin.file_offset(c.call), bin.file_offset(c.next)) else {
+            continue;
+        };
+        points.push(Point {
+            symbol: t.symbol,
+            kind: t.kind,
+            entry_offset: entry,
+            ret_offsets: if c.next_is_jump_target {
+                Vec::new()
+            } else {
+                vec![next]
+            },
+            call: Some(c.call),
+        });
+    }
+    points
 }
 
 pub struct Plan {
@@ -283,7 +383,20 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
     let v = bin.go_version();
     let mut points = Vec::new();
     let mut missing = Vec::new();
+    // Lock waits are probed per call site where the binary allows it.
+    let per_site = match purpose {
+        Purpose::LockWait if std::env::var_os("MAP_PROBE_SHARED_LOCK_PROBES").is_none() => {
+            site_points(bin)
+        }
+        _ => Vec::new(),
+    };
+    let shared = per_site.is_empty();
+    points.extend(per_site);
     for row in rows(purpose).filter(|r| applies(r, v)) {
+        if !shared && cookie_flags(row.kind) == 0 {
+            // A semaphore function every per-site point already covers.
+            continue;
+        }
         let Some(func) = bin.func_by_name(row.symbol) else {
             missing.push(row.symbol);
             continue;
@@ -305,6 +418,7 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
             kind: row.kind,
             entry_offset: off(pp.after_check)?,
             ret_offsets: rets.iter().map(|&r| off(r)).collect::<Result<_, _>>()?,
+            call: None,
         });
     }
     Ok(Plan {

@@ -109,6 +109,36 @@ impl Governor {
         Decision::Detach
     }
 
+    /// A new budget (a tier re-sort moved points). A windowed tier's windows
+    /// cost at most a second's worth of its budget, so that a low duty is
+    /// many short windows spread over the run rather than one long one.
+    pub fn set_budget(&mut self, budget: f64, spread: bool) {
+        if self.cfg.budget.is_none() {
+            return;
+        }
+        // An empty tier's budget is 0; a floor keeps the arithmetic finite.
+        let budget = budget.max(1e-7);
+        self.cfg.budget = Some(budget);
+        if spread {
+            self.cfg.max_window_cost =
+                Duration::from_secs_f64(budget).max(Duration::from_micros(500));
+        }
+    }
+
+    /// The set's points changed (a tier re-sort): judge it afresh with a
+    /// short measuring window, now if it is closed.
+    pub fn restart(&mut self, now: Instant, hits: u64) {
+        self.window_len = MIN_WINDOW.min(self.cfg.window);
+        match self.window_start {
+            Some(ws) => {
+                self.attached += now.saturating_duration_since(ws);
+                self.window_start = Some(now);
+                self.window_hits0 = hits;
+            }
+            None => self.next_attach = now,
+        }
+    }
+
     /// `start`/`end` bracket the attach call.
     pub fn attached_at(&mut self, start: Instant, end: Instant, hits: u64) {
         self.window_start = Some(start + (end - start) / 2);

@@ -3,7 +3,7 @@
 //! `target` and `gobin` find the process and read its binary, `catalog`
 //! decides where to probe for its Go version, `probes` loads and attaches the
 //! eBPF programs, `calibrate` measures what a hit costs here, `governor` keeps
-//! their cost in budget, `aggregate` reads the
+//! their cost in budget (`tiers` choosing which lock points stay in), `aggregate` reads the
 //! kernel's counts, `symbolize` names the stacks, `sites` and `risks` build
 //! the one report model, and `report` renders it. `session` drives one
 //! target through all of it; `export` sends its reports to an OpenTelemetry
@@ -28,3 +28,4 @@ pub mod sites;
 pub mod symbolize;
 pub mod target;
 pub mod text;
+pub mod tiers;

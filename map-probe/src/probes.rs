@@ -24,7 +24,8 @@ use aya::{
 };
 use map_probe_common::{
     stat, Control, Counters, CrashStack, Fatal, LockKey, OverlapKey, OverlapVal, SiteKey,
-    SiteStats, WaitHist, WriteKey, Writer, COOKIE_RET,
+    SiteStats, WaitHist, WriteKey, Writer, COOKIE_AT_CALL, COOKIE_RET, COOKIE_TIER_SHIFT,
+    LOCK_TIERS,
 };
 
 use crate::{
@@ -46,9 +47,33 @@ fn monotonic_ns() -> u64 {
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/map-probe.bpf.o"));
 
-/// The uprobes of one purpose, (offset, cookie) each, and their links while attached.
+/// One set of links: a purpose and, for lock waits, its tier (0: steady,
+/// attached while it fits its budget, ideally always; 1: windowed, for the
+/// hot points moved out of the steady tier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub purpose: Purpose,
+    pub tier: u8,
+}
+
+impl From<Purpose> for Slot {
+    fn from(purpose: Purpose) -> Slot {
+        Slot { purpose, tier: 0 }
+    }
+}
+
+/// A lock-wait point's uprobes, whichever tier holds it.
+#[derive(Clone)]
+struct Member {
+    entry: u64,
+    rets: Vec<u64>,
+    cookie: u64,
+}
+
+/// The uprobes of one slot, (offset, cookie) each, and their links while attached.
 struct Set {
     purpose: Purpose,
+    tier: u8,
     entries: Vec<(u64, u64)>,
     rets: Vec<(u64, u64)>,
     entry_link: Option<Handle>,
@@ -148,6 +173,9 @@ pub struct Probes {
     sets: Vec<Set>,
     control: Control,
     calibration: Option<Handle>,
+    /// Every lock-wait point and the tier it is in.
+    lock_points: Vec<Member>,
+    tiers: Vec<u8>,
     /// What one trap costs on this host, when measured (`calibrate`).
     pub trap_cost: Option<Duration>,
 }
@@ -197,6 +225,7 @@ impl Probes {
             .map_err(|e| log::debug!("no eBPF log: {e}"))
             .ok();
         let mut sets = Vec::new();
+        let mut lock_points = Vec::new();
         for plan in plans {
             let prog = uprobe(&mut ebpf, mode, plan.purpose)?;
             prog.load().map_err(|e| {
@@ -205,20 +234,38 @@ impl Probes {
                     mode.program(plan.purpose)
                 )
             })?;
-            let mut entries = Vec::new();
-            let mut rets = Vec::new();
-            for (i, p) in plan.points.iter().enumerate() {
-                let cookie = i as u64 | catalog::cookie_flags(p.kind);
-                entries.push((p.entry_offset, cookie));
-                rets.extend(p.ret_offsets.iter().map(|&r| (r, cookie | COOKIE_RET)));
+            let members: Vec<Member> = plan
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Member {
+                    entry: p.entry_offset,
+                    rets: p.ret_offsets.clone(),
+                    cookie: i as u64
+                        | catalog::cookie_flags(p.kind)
+                        | if p.call.is_some() { COOKIE_AT_CALL } else { 0 },
+                })
+                .collect();
+            let everything = vec![0u8; members.len()];
+            let tiers = if plan.purpose == Purpose::LockWait {
+                LOCK_TIERS as u8
+            } else {
+                1
+            };
+            for tier in 0..tiers {
+                let (entries, rets) = tier_points(&members, &everything, tier);
+                sets.push(Set {
+                    purpose: plan.purpose,
+                    tier,
+                    entries,
+                    rets,
+                    entry_link: None,
+                    ret_link: None,
+                });
             }
-            sets.push(Set {
-                purpose: plan.purpose,
-                entries,
-                rets,
-                entry_link: None,
-                ret_link: None,
-            });
+            if plan.purpose == Purpose::LockWait {
+                lock_points = members;
+            }
         }
         Ok(Probes {
             ebpf,
@@ -229,43 +276,97 @@ impl Probes {
             sets,
             control: Control::default(),
             calibration: None,
+            tiers: vec![0; lock_points.len()],
+            lock_points,
             trap_cost: None,
         })
     }
 
-    fn set(&mut self, purpose: Purpose) -> Option<&mut Set> {
+    /// Which tier each lock-wait point is in.
+    pub fn tiers(&self) -> &[u8] {
+        &self.tiers
+    }
+
+    /// Moves lock-wait points between tiers. A tier whose points changed is
+    /// re-linked at once if it is attached (a few ms without its probes);
+    /// returns which tiers changed.
+    pub fn set_tiers(&mut self, tiers: &[u8]) -> Result<[bool; LOCK_TIERS]> {
+        let mut changed = [false; LOCK_TIERS];
+        for tier in 0..LOCK_TIERS as u8 {
+            let (entries, rets) = tier_points(&self.lock_points, tiers, tier);
+            let slot = Slot {
+                purpose: Purpose::LockWait,
+                tier,
+            };
+            let Some(set) = self
+                .sets
+                .iter_mut()
+                .find(|s| s.purpose == Purpose::LockWait && s.tier == tier)
+            else {
+                continue;
+            };
+            if set.entries == entries {
+                continue;
+            }
+            changed[tier as usize] = true;
+            let was_attached = set.entry_link.is_some();
+            if was_attached {
+                self.detach(slot)?;
+            }
+            let set = self
+                .sets
+                .iter_mut()
+                .find(|s| s.purpose == Purpose::LockWait && s.tier == tier)
+                .expect("found above");
+            set.entries = entries;
+            set.rets = rets;
+            if was_attached {
+                self.attach(slot)?;
+            }
+        }
+        self.tiers = tiers.to_vec();
+        Ok(changed)
+    }
+
+    fn set(&mut self, slot: Slot) -> Option<&mut Set> {
         self.sets
             .iter_mut()
-            .find(|s| s.purpose == purpose && !s.entries.is_empty())
+            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
     }
 
-    pub fn has(&self, purpose: Purpose) -> bool {
+    pub fn has(&self, slot: impl Into<Slot>) -> bool {
+        let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == purpose && !s.entries.is_empty())
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
     }
 
-    pub fn attached(&self, purpose: Purpose) -> bool {
+    pub fn attached(&self, slot: impl Into<Slot>) -> bool {
+        let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == purpose && s.entry_link.is_some())
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && s.entry_link.is_some())
     }
 
-    pub fn attach(&mut self, purpose: Purpose) -> Result<Duration> {
+    pub fn attach(&mut self, slot: impl Into<Slot>) -> Result<Duration> {
+        let slot = slot.into();
+        let purpose = slot.purpose;
         let t = Instant::now();
         match purpose {
             // Writers remembered from an earlier window may have returned
             // unseen: a new generation makes them stale.
             Purpose::MapWrite => self.control.generation += 1,
             // So may waits.
-            Purpose::LockWait => self.control.lock_since_ns = monotonic_ns(),
+            Purpose::LockWait => {
+                self.control.lock_since_ns[usize::from(slot.tier) % LOCK_TIERS] = monotonic_ns()
+            }
             Purpose::Fatal => {}
         }
         let control = self.control;
         let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
         ctl.set(0, &control, 0)?;
         let (target, pid) = (self.target.clone(), self.pid);
-        let Some(set) = self.set(purpose) else {
+        let Some(set) = self.set(slot) else {
             return Ok(t.elapsed());
         };
         let (entries, rets) = (set.entries.clone(), set.rets.clone());
@@ -283,18 +384,18 @@ impl Probes {
                 pid,
             )?)
         };
-        if let Some(set) = self.set(purpose) {
+        if let Some(set) = self.set(slot) {
             set.ret_link = ret_link;
         }
         let entry_link = attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
         let entry_link = match entry_link {
             Ok(l) => l,
             Err(e) => {
-                let _ = self.detach(purpose);
+                let _ = self.detach(slot);
                 return Err(e);
             }
         };
-        if let Some(set) = self.set(purpose) {
+        if let Some(set) = self.set(slot) {
             set.entry_link = Some(entry_link);
         }
         Ok(t.elapsed())
@@ -306,9 +407,11 @@ impl Probes {
     /// RET link goes as soon as the entries' breakpoints are seen gone from
     /// the target's text, so the RETs do not trap through that wait (20 RET
     /// hits for every entry seen, measured on caddy at ~40k map writes/s).
-    pub fn detach(&mut self, purpose: Purpose) -> Result<Duration> {
+    pub fn detach(&mut self, slot: impl Into<Slot>) -> Result<Duration> {
+        let slot = slot.into();
+        let purpose = slot.purpose;
         let t = Instant::now();
-        let Some(set) = self.set(purpose) else {
+        let Some(set) = self.set(slot) else {
             return Ok(t.elapsed());
         };
         let (entry, ret) = (set.entry_link.take(), set.ret_link.take());
@@ -564,6 +667,21 @@ impl calibrate::Probe for Probes {
         }
         Ok(())
     }
+}
+
+/// The (offset, cookie) lists of one lock tier's entries and ends.
+/// (file offset, cookie) of each uprobe in a set.
+type Points = Vec<(u64, u64)>;
+
+fn tier_points(members: &[Member], tiers: &[u8], tier: u8) -> (Points, Points) {
+    let mut entries = Vec::new();
+    let mut rets = Vec::new();
+    for (m, _) in members.iter().zip(tiers).filter(|(_, t)| **t == tier) {
+        let cookie = m.cookie | u64::from(tier) << COOKIE_TIER_SHIFT;
+        entries.push((m.entry, cookie));
+        rets.extend(m.rets.iter().map(|&r| (r, cookie | COOKIE_RET)));
+    }
+    (entries, rets)
 }
 
 /// One link over `points` (offset, cookie), scoped to `pid`.

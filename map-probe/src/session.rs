@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use map_probe_common::{stat, SiteKey};
+use map_probe_common::{stat, tier_stat, SiteKey, LOCK_TIERS};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
@@ -26,12 +26,13 @@ use crate::{
     doctor::Host,
     export::Exporter,
     governor::{self, Decision, Governor},
-    probes::{Probes, UprobeMode},
+    probes::{Probes, Slot, UprobeMode},
     report::{self, MapSampling, Report, Risk, Sampling, TargetInfo},
     risks::{self, Clock},
     sites,
     symbolize::Symbolizer,
     target::Target,
+    tiers::{self, Tiers},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -120,6 +121,8 @@ const TICK_CLOSED: Duration = Duration::from_millis(20);
 /// A governed probe set: its purpose, its governor and which counters feed it.
 struct Governed {
     purpose: Purpose,
+    /// Lock waits: 0 steady, 1 windowed (see `tiers`).
+    tier: u8,
     gov: Governor,
     counters: [u32; 2],
 }
@@ -133,7 +136,7 @@ impl Governed {
         match self.gov.tick(now, self.hits(stats)) {
             Decision::Attach => {
                 let a = Instant::now();
-                probes.attach(self.purpose)?;
+                probes.attach(self.slot())?;
                 self.gov.attached_at(a, Instant::now(), self.hits(stats));
             }
             Decision::Detach => self.close(probes)?,
@@ -142,9 +145,16 @@ impl Governed {
         Ok(())
     }
 
+    fn slot(&self) -> Slot {
+        Slot {
+            purpose: self.purpose,
+            tier: self.tier,
+        }
+    }
+
     fn close(&mut self, probes: &mut Probes) -> Result<()> {
         let d = Instant::now();
-        probes.detach(self.purpose)?;
+        probes.detach(self.slot())?;
         let end = Instant::now();
         let hits = self.hits(&probes.stats()?);
         self.gov.detached_at(d, end, hits);
@@ -173,6 +183,8 @@ struct Mark {
     sites: HashMap<(u32, i32, u64), KeyData>,
     /// Risks already reported, by identity, with the count then.
     risks: HashMap<String, u64>,
+    /// Each lock point's observed time at `at`.
+    observed: Vec<Duration>,
 }
 
 pub struct Observation {
@@ -180,6 +192,9 @@ pub struct Observation {
     plans: Plans,
     probes: Probes,
     sets: Vec<Governed>,
+    tiers: Tiers,
+    /// What all lock tiers together may cost (share of one CPU).
+    lock_budget: f64,
     start: Instant,
     clock: Clock,
     mark: Mark,
@@ -210,20 +225,27 @@ impl Observation {
             }
             c
         };
-        let mut sets = vec![Governed {
-            purpose: Purpose::LockWait,
-            gov: Governor::new(costed(opts.locks), start),
-            counters: [stat::HITS, stat::RET_HITS],
-        }];
+        // Every lock point starts steady, with the whole lock budget; the
+        // first re-sort (`tiers`) hands the windowed tiers their shares.
+        let lock_cfg = costed(opts.locks);
+        let mut sets: Vec<Governed> = (0..LOCK_TIERS)
+            .map(|t| Governed {
+                purpose: Purpose::LockWait,
+                tier: t as u8,
+                gov: Governor::new(lock_cfg, start),
+                counters: [tier_stat(t, false), tier_stat(t, true)],
+            })
+            .collect();
         if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
             sets.push(Governed {
                 purpose: Purpose::MapWrite,
+                tier: 0,
                 gov: Governor::new(costed(cfg), start),
                 counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
             });
         }
         for s in &mut sets {
-            if probes.attached(s.purpose) {
+            if probes.attached(s.slot()) {
                 // `run` opened the first windows before the program's first instruction.
                 s.gov.attached_at(start, start, 0);
             }
@@ -236,12 +258,17 @@ impl Observation {
             stats: [0; stat::COUNT as usize],
             sites: HashMap::new(),
             risks: HashMap::new(),
+            observed: Vec::new(),
         };
+        let tiers = Tiers::new(plans.locks.points.len(), start);
+        let lock_budget = lock_cfg.budget.unwrap_or(0.0);
         Observation {
+            lock_budget,
             target,
             plans,
             probes,
             sets,
+            tiers,
             start,
             clock,
             mark,
@@ -263,9 +290,24 @@ impl Observation {
     pub fn tick(&mut self, now: Instant) -> Result<Step> {
         self.probes.flush_logs();
         let stats = self.probes.stats()?;
+        let steady_was_open = self.sets[0].gov.is_open();
         for s in &mut self.sets {
             if let Err(e) = s.step(&mut self.probes, now, &stats) {
                 // The target may have exited between the check and the attach.
+                if !self.target.alive() {
+                    return Ok(Step::Gone);
+                }
+                return Err(e);
+            }
+        }
+        // Re-sort the lock points now and then, and at once when the steady
+        // tier had to close: a hot point in it spent the tier's budget.
+        let steady_closed = steady_was_open && !self.sets[0].gov.is_open();
+        let soon = self.tiers.next_rebalance - tiers::REBALANCE_EVERY + tiers::REBALANCE_MIN;
+        if self.sets[0].gov.config().budget.is_some()
+            && (now >= self.tiers.next_rebalance || (steady_closed && now >= soon))
+        {
+            if let Err(e) = self.rebalance(now) {
                 if !self.target.alive() {
                     return Ok(Step::Gone);
                 }
@@ -286,6 +328,85 @@ impl Observation {
         }))
     }
 
+    /// Each lock tier's attached time so far.
+    fn tier_attached(&self, now: Instant) -> Vec<Duration> {
+        self.sets[..LOCK_TIERS]
+            .iter()
+            .map(|s| s.gov.attached_time(now))
+            .collect()
+    }
+
+    fn rebalance(&mut self, now: Instant) -> Result<()> {
+        self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
+        let mut hits = vec![0u64; self.plans.locks.points.len()];
+        for (k, s) in self.probes.sites()? {
+            if let Some(h) = hits.get_mut(k.probe as usize) {
+                *h += s.count + s.timed;
+            }
+        }
+        let cfg = *self.sets[0].gov.config();
+        if cfg.budget.is_none() {
+            return Ok(());
+        }
+        let attached = self.tier_attached(now);
+        let Some(a) = self
+            .tiers
+            .rebalance(&hits, &attached, self.lock_budget, cfg.hit_cost)
+        else {
+            return Ok(());
+        };
+        log::debug!(
+            "lock tiers re-sorted: {:?}, budgets {:?}",
+            a.tiers,
+            a.budgets
+        );
+        for (t, b) in a.budgets.iter().enumerate() {
+            self.sets[t].gov.set_budget(*b, t > 0);
+        }
+        let changed = self.probes.set_tiers(&a.tiers)?;
+        for (tier, moved) in changed.iter().enumerate() {
+            if !*moved {
+                continue;
+            }
+            let slot = self.sets[tier].slot();
+            // A tier that was empty while its governor was open gets its
+            // probes now; one that was closed opens at the next tick.
+            if self.sets[tier].gov.is_open() && !self.probes.attached(slot) {
+                self.probes.attach(slot)?;
+            }
+
+            let hits = self.sets[tier].hits(&self.probes.stats()?);
+            self.sets[tier].gov.restart(now, hits);
+        }
+        Ok(())
+    }
+
+    /// Each lock point's scale: the run's length over the time its probes
+    /// were in (1 when unbudgeted, or for a point never observed).
+    fn point_scales(
+        &self,
+        elapsed: Duration,
+        now: Instant,
+        since: Option<&[Duration]>,
+    ) -> Vec<f64> {
+        let governed = self.sets[0].gov.config().budget.is_some();
+        let observed = self.tiers.all_observed(&self.tier_attached(now));
+        observed
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let o = since.map_or(*o, |s| {
+                    o.saturating_sub(s.get(i).copied().unwrap_or_default())
+                });
+                if !governed || o.is_zero() {
+                    1.0
+                } else {
+                    (elapsed.as_secs_f64() / o.min(elapsed).as_secs_f64()).max(1.0)
+                }
+            })
+            .collect()
+    }
+
     /// Closes every open window (the crash watch stays until drop).
     pub fn close(&mut self) -> Result<()> {
         for s in &mut self.sets {
@@ -303,6 +424,7 @@ impl Observation {
         let raw = aggregate::collect(&self.probes)?;
         let locks = &self.sets[0].gov;
         let scale = locks.scale(elapsed, now);
+        let scales = self.point_scales(elapsed, now, None);
         let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
         let risks = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
         let attached: Vec<Duration> = self
@@ -321,6 +443,7 @@ impl Observation {
             attached: &attached,
             windows: &windows,
             scale,
+            scales: &scales,
             end: end.as_str(),
             risks,
         }))
@@ -363,6 +486,8 @@ impl Observation {
         } else {
             (elapsed.as_secs_f64() / attached[0].as_secs_f64()).max(1.0)
         };
+        let scales = self.point_scales(elapsed, now, Some(&self.mark.observed));
+        let observed_now = self.tiers.all_observed(&self.tier_attached(now));
         let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
         let all = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
         let risks = new_risks(&mut self.mark.risks, all);
@@ -376,9 +501,11 @@ impl Observation {
             attached: &attached,
             windows: &windows,
             scale,
+            scales: &scales,
             end: end.map_or("running", End::as_str),
             risks,
         });
+        self.mark.observed = observed_now;
         self.mark.at = now;
         self.mark.unix_nanos = start_unix + elapsed.as_nanos() as u64;
         self.mark.attached = attached_now;
@@ -420,7 +547,7 @@ impl Observation {
     fn build(&self, s: Span) -> Report {
         let target = &self.target;
         let (sites, stacks, incomplete) =
-            sites::build_sites(s.raw, &self.plans.locks.points, s.sym, s.scale);
+            sites::build_sites(s.raw, &self.plans.locks.points, s.sym, s.scales);
         let totals = aggregate::totals(s.stats);
         let cfg = self.sets[0].gov.config();
         let map_writes = self
@@ -538,6 +665,8 @@ struct Span<'a, 'b, 'c> {
     attached: &'b [Duration],
     windows: &'b [u32],
     scale: f64,
+    /// Per lock point: what its raw counts are multiplied by.
+    scales: &'b [f64],
     end: &'static str,
     risks: Vec<Risk>,
 }

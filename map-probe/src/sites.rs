@@ -204,7 +204,7 @@ pub fn build_sites(
     raw: &[RawSite],
     points: &[Point],
     sym: &mut Symbolizer,
-    scale: f64,
+    scales: &[f64],
 ) -> (Vec<Site>, Vec<StackCount>, u64) {
     struct Acc {
         site: FrameOut,
@@ -226,6 +226,16 @@ pub fn build_sites(
         promotions: u64,
         rebuilds: u64,
         rebuild_ns: u64,
+        /// The estimates: each key's raw numbers times its point's scale.
+        est: f64,
+        est_delay: f64,
+        est_promotions: f64,
+        est_rebuilds: f64,
+        est_rebuild_ns: f64,
+        /// Whether any of its waits came through a per-call-site point, or a
+        /// shared semaphore function's.
+        at_call: bool,
+        shared: bool,
         probes: Vec<&'static str>,
         /// Index into `uniq` -> waits through that stack.
         stacks: HashMap<usize, u64>,
@@ -234,12 +244,15 @@ pub fn build_sites(
     // Every distinct stack once (a full table holds 16,384 of them, tens of
     // frames each), found again by its hash; sites refer to it by index.
     let mut uniq: Vec<StackCount> = Vec::new();
+    // Per stack: estimated waits and delay.
+    let mut uniq_est: Vec<(f64, f64)> = Vec::new();
     let mut index: HashMap<u64, usize> = HashMap::new();
     let mut incomplete = 0;
     for r in raw {
         let Some(point) = points.get(r.point) else {
             continue;
         };
+        let k = scales.get(r.point).copied().unwrap_or(1.0);
         let frames: Vec<FrameOut> = sym
             .stack(&r.pcs, r.first_is_ip)
             .iter()
@@ -271,17 +284,27 @@ pub fn build_sites(
             promotions: 0,
             rebuilds: 0,
             rebuild_ns: 0,
+            est: 0.0,
+            est_delay: 0.0,
+            est_promotions: 0.0,
+            est_rebuilds: 0.0,
+            est_rebuild_ns: 0.0,
+            at_call: false,
+            shared: false,
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
         match point.kind {
             Kind::SyncMapPromotion => {
                 acc.promotions += r.stats.count;
+                acc.est_promotions += r.stats.count as f64 * k;
                 continue;
             }
             Kind::SyncMapRebuild => {
                 acc.rebuilds += r.stats.count;
                 acc.rebuild_ns += delay(&r.stats);
+                acc.est_rebuilds += r.stats.count as f64 * k;
+                acc.est_rebuild_ns += delay(&r.stats) as f64 * k;
                 continue;
             }
             _ => {}
@@ -299,6 +322,13 @@ pub fn build_sites(
         acc.wait_ns += r.stats.wait_ns;
         acc.max_ns = acc.max_ns.max(r.stats.max_wait_ns);
         acc.delay_ns += delay(&r.stats);
+        acc.est += r.stats.count as f64 * k;
+        acc.est_delay += delay(&r.stats) as f64 * k;
+        if point.call.is_some() {
+            acc.at_call = true;
+        } else {
+            acc.shared = true;
+        }
         if !acc.probes.contains(&point.symbol) {
             acc.probes.push(point.symbol);
         }
@@ -315,14 +345,15 @@ pub fn build_sites(
                 count: 0,
                 delay_ns: 0,
             });
+            uniq_est.push((0.0, 0.0));
             uniq.len() - 1
         });
-        uniq[i].count += r.stats.count;
-        uniq[i].delay_ns += delay(&r.stats);
+        uniq_est[i].0 += r.stats.count as f64 * k;
+        uniq_est[i].1 += delay(&r.stats) as f64 * k;
         *acc.stacks.entry(i).or_default() += r.stats.count;
     }
     drop(index);
-    let scaled = |n: u64| (n as f64 * scale).round() as u64;
+    let round = |x: f64| x.round() as u64;
     let mut sites: Vec<Site> = by_site
         .into_values()
         .map(|a| {
@@ -347,9 +378,9 @@ pub fn build_sites(
                 locks: a.locks.len(),
                 sync_map: a.method.map(|method| SyncMapOut {
                     method,
-                    promotions: scaled(a.promotions),
-                    rebuilds: scaled(a.rebuilds),
-                    rebuild_ns: scaled(a.rebuild_ns),
+                    promotions: round(a.est_promotions),
+                    rebuilds: round(a.est_rebuilds),
+                    rebuild_ns: round(a.est_rebuild_ns),
                     raw_promotions: a.promotions,
                     raw_rebuilds: a.rebuilds,
                     promotions_are_the_cost: false,
@@ -358,16 +389,33 @@ pub fn build_sites(
                 file: a.site.file,
                 line: a.site.line,
                 kind: a.kind,
-                count: scaled(a.raw),
+                count: round(a.est),
                 raw_count: a.raw,
-                scale,
-                count_error: count_error(a.raw, scale),
+                scale: if a.raw == 0 {
+                    1.0
+                } else {
+                    a.est / a.raw as f64
+                },
+                count_error: count_error(
+                    a.raw,
+                    if a.raw == 0 {
+                        1.0
+                    } else {
+                        a.est / a.raw as f64
+                    },
+                ),
+                measured: match (a.at_call, a.shared) {
+                    (true, false) => "call-site",
+                    (false, true) => "shared",
+                    _ => "both",
+                }
+                .into(),
                 wait: Wait {
                     timed: a.timed,
                     total_ns: a.wait_ns,
                     mean_ns: a.wait_ns.checked_div(a.timed).unwrap_or(0),
                     max_ns: a.max_ns,
-                    delay_ns: scaled(a.delay_ns),
+                    delay_ns: round(a.est_delay),
                     p50_ns: quantile(&a.hist, 0.5, a.max_ns),
                     p90_ns: quantile(&a.hist, 0.9, a.max_ns),
                     p99_ns: quantile(&a.hist, 0.99, a.max_ns),
@@ -380,16 +428,17 @@ pub fn build_sites(
         })
         .collect();
     sites.sort_by(|a, b| {
-        b.raw_count
-            .cmp(&a.raw_count)
+        b.count
+            .cmp(&a.count)
+            .then(b.raw_count.cmp(&a.raw_count))
             .then(b.wait.total_ns.cmp(&a.wait.total_ns))
             .then_with(|| a.function.cmp(&b.function))
     });
     promotion_cost(&mut sites);
     let mut stacks = uniq;
-    for s in &mut stacks {
-        s.count = scaled(s.count);
-        s.delay_ns = scaled(s.delay_ns);
+    for (s, (n, d)) in stacks.iter_mut().zip(uniq_est) {
+        s.count = round(n);
+        s.delay_ns = round(d);
     }
     stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
     (sites, stacks, incomplete)

@@ -285,6 +285,7 @@ mod tests {
             raw_count: count,
             scale: 1.0,
             count_error: 0.0,
+            measured: "call-site".into(),
             wait: Wait {
                 timed: count,
                 total_ns: count * 1000,

@@ -116,3 +116,50 @@ pub(crate) fn probe_points(code: &[u8], entry: u64, name: &str) -> Result<ProbeP
         rets,
     })
 }
+
+/// A direct CALL to one of the functions asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallSite {
+    /// The CALL instruction and the one after it (where the call returns).
+    pub call: u64,
+    pub next: u64,
+    pub target: u64,
+    /// Whether some jump in the function also lands on `next`: then a probe
+    /// there would fire on paths that never made the call.
+    pub next_is_jump_target: bool,
+}
+
+/// Every `CALL rel32` in one function's code whose target is in `targets`
+/// (sorted). Undecodable bytes end the scan of the function (Go emits none;
+/// a corrupt binary gets no points rather than wrong ones).
+pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite> {
+    let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+    let mut ins = Instruction::default();
+    let mut calls = Vec::new();
+    let mut jump_targets = Vec::new();
+    while dec.can_decode() {
+        dec.decode_out(&mut ins);
+        if ins.code() == Code::INVALID {
+            return Vec::new();
+        }
+        if ins.is_call_near() && ins.op0_kind() == OpKind::NearBranch64 {
+            let t = ins.near_branch_target();
+            if targets.binary_search(&t).is_ok() {
+                calls.push(CallSite {
+                    call: ins.ip(),
+                    next: ins.next_ip(),
+                    target: t,
+                    next_is_jump_target: false,
+                });
+            }
+        } else if (ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
+            && ins.op0_kind() == OpKind::NearBranch64
+        {
+            jump_targets.push(ins.near_branch_target());
+        }
+    }
+    for c in &mut calls {
+        c.next_is_jump_target = jump_targets.contains(&c.next);
+    }
+    calls
+}

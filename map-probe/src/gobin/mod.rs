@@ -21,6 +21,7 @@
 //!   pub fn file_offset(&self, vaddr: u64) -> Option<u64>; // for uprobe attach
 //!   pub fn probe_points(&self, f: &Func) -> Result<ProbePoints, GoBinError>;
 //!   pub fn exec_segment(&self) -> (u64 /*p_vaddr*/, u64 /*p_offset*/, u64 /*p_memsz*/);
+//!   pub fn calls_to(&self, targets: &[u64], skip: &[u64]) -> Vec<(Func, CallSite)>;
 //! }
 //! pub struct GoVersion { pub major: u32, pub minor: u32, pub patch: u32, pub raw: String }
 //! pub struct Func { pub name: String, pub entry: u64, pub end: u64 }
@@ -34,6 +35,7 @@
 
 mod buildinfo;
 mod disasm;
+pub use disasm::CallSite;
 mod image;
 mod moduledata;
 mod pclntab;
@@ -482,6 +484,30 @@ impl GoBinary {
             ))
         })?;
         disasm::probe_points(code, f.entry, &f.name)
+    }
+
+    /// Every direct CALL, in every function but those in `targets` and
+    /// `skip`, to one of `targets` (entry addresses). One pass over the text:
+    /// a 50 MB binary's ~20 MB of code decodes in a fraction of a second.
+    pub fn calls_to(&self, targets: &[u64], skip: &[u64]) -> Vec<(Func, CallSite)> {
+        let mut sorted = targets.to_vec();
+        sorted.sort_unstable();
+        let mut out = Vec::new();
+        for f in self.funcs() {
+            if sorted.binary_search(&f.entry).is_ok() || skip.contains(&f.entry) {
+                continue;
+            }
+            let Ok(len) = usize::try_from(f.size()) else {
+                continue;
+            };
+            let Some(code) = self.img.bytes(f.entry, len) else {
+                continue;
+            };
+            for c in disasm::calls_to(code, f.entry, &sorted) {
+                out.push((f.clone(), c));
+            }
+        }
+        out
     }
 
     /// The PT_LOAD holding runtime.text: (p_vaddr, p_offset, p_memsz).

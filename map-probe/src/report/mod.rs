@@ -152,6 +152,10 @@ pub struct Site {
     /// (a Poisson count of n has a standard error of sqrt(n)): 0 when every
     /// wait was seen, 0.2 for 96 raw waits, 0.62 for 10.
     pub count_error: f64,
+    /// How its waits were seen: `call-site` (probes on the call of the
+    /// slow path at this site), `shared` (a semaphore function's probe,
+    /// shared by every site), or `both`.
+    pub measured: String,
     pub wait: Wait,
     /// Probe point(s) the waits were seen at.
     pub probe: String,
