@@ -267,6 +267,9 @@ pub struct Inflight {
 }
 
 pub const MAX_SITES: u32 = 16384;
+/// Lock-wait probe points with their own hit counter; a binary with more
+/// call sites than this is probed through the shared semaphore functions.
+pub const MAX_POINTS: u32 = 16384;
 pub const MAX_STACKS: u32 = 16384;
 pub const MAX_INFLIGHT: u32 = 65536;
 

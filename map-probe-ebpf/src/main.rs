@@ -23,7 +23,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
     COOKIE_AT_CALL, COOKIE_RET, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
-    MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
+    MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
 
@@ -57,6 +57,12 @@ static HISTS: HashMap<SiteKey, WaitHist> = HashMap::with_max_entries(MAX_SITES, 
 /// per-object locks forgets the coldest first instead of losing new ones.
 #[map]
 static SITE_LOCKS: LruHashMap<LockKey, u64> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
+
+/// Hits per lock-wait point, entries and ends alike (an end probe after a
+/// CALL may also be where the fast path continues): what sorting the points
+/// into tiers by cost needs.
+#[map]
+static POINT_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POINTS, 0);
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
@@ -139,10 +145,15 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
     let g = regs.r14;
     let now = unsafe { bpf_ktime_get_ns() };
     let tier = ((cookie >> COOKIE_TIER_SHIFT) as usize) & (LOCK_TIERS - 1);
+    if let Some(n) = POINT_HITS.get_ptr_mut(cookie as u32) {
+        unsafe { *n += 1 };
+    }
     if cookie & COOKIE_RET != 0 {
         bump(tier_stat(tier, true));
-        // Most sync.Map calls end without the event their entry looked for.
-        wait_ended(g, now, cookie & COOKIE_SYNCMAP == 0);
+        // Most sync.Map calls end without the event their entry looked for,
+        // and the instruction after a CALL of lockSlow may be where the
+        // inlined fast path continues too.
+        wait_ended(g, now, cookie & (COOKIE_SYNCMAP | COOKIE_AT_CALL) == 0);
         return 0;
     }
     bump(tier_stat(tier, false));

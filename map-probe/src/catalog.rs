@@ -306,10 +306,18 @@ pub const SITE_TARGETS: &[SiteTarget] = &[
     },
     // Before 1.20 both RWMutex waits park on this one, as lockSlow does
     // (its own call is left out: lockSlow's callers are the points).
+    // Later only lockSlow calls it, unless PGO inlined lockSlow into its
+    // caller: then that caller's CALL of the semaphore is the site's point.
     SiteTarget {
         symbol: "sync.runtime_SemacquireMutex",
         since: 19,
-        until: Some(19),
+        until: Some(23),
+        kind: Kind::Mutex,
+    },
+    SiteTarget {
+        symbol: "internal/sync.runtime_SemacquireMutex",
+        since: 24,
+        until: None,
         kind: Kind::Mutex,
     },
 ];
@@ -328,9 +336,8 @@ pub struct Point {
 }
 
 /// Per-site points for every CALL to a `SITE_TARGETS` function in the
-/// binary (none when it has none: then the semaphore functions themselves
-/// are probed, shared by every site). A call whose next instruction some
-/// jump also reaches gets no end probe: it is counted, not timed.
+/// binary (none when it has none, or more than `MAX_POINTS`: then the
+/// semaphore functions themselves are probed, shared by every site).
 pub fn site_points(bin: &GoBinary) -> Vec<Point> {
     let v = bin.go_version();
     let targets: Vec<(u64, &SiteTarget)> = SITE_TARGETS
@@ -352,15 +359,17 @@ pub fn site_points(bin: &GoBinary) -> Vec<Point> {
         let (Some(entry), Some(next)) = (bin.file_offset(c.call), bin.file_offset(c.next)) else {
             continue;
         };
+        if points.len() >= map_probe_common::MAX_POINTS as usize - 8 {
+            return Vec::new();
+        }
         points.push(Point {
             symbol: t.symbol,
             kind: t.kind,
             entry_offset: entry,
-            ret_offsets: if c.next_is_jump_target {
-                Vec::new()
-            } else {
-                vec![next]
-            },
+            // Where the fast path continues at the same instruction, the
+            // end probe traps on every Lock; its point's hits say so, and
+            // the tiers charge it.
+            ret_offsets: vec![next],
             call: Some(c.call),
         });
     }

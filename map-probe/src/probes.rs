@@ -487,6 +487,20 @@ impl Probes {
         Ok(out)
     }
 
+    /// Hits per lock-wait point (entries and ends), summed over CPUs.
+    pub fn point_hits(&self) -> Result<Vec<u64>> {
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map("POINT_HITS")?)?;
+        let n = self
+            .lock_points
+            .len()
+            .min(map_probe_common::MAX_POINTS as usize);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n as u32 {
+            out.push(arr.get(&i, 0).map_or(0, |v| v.iter().sum()));
+        }
+        Ok(out)
+    }
+
     /// Every site's wait-time histogram.
     pub fn hists(&self) -> Result<std::collections::HashMap<SiteKey, WaitHist>> {
         let map: HashMap<&MapData, SiteKey, WaitHist> = HashMap::try_from(self.map("HISTS")?)?;

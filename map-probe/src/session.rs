@@ -338,12 +338,7 @@ impl Observation {
 
     fn rebalance(&mut self, now: Instant) -> Result<()> {
         self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
-        let mut hits = vec![0u64; self.plans.locks.points.len()];
-        for (k, s) in self.probes.sites()? {
-            if let Some(h) = hits.get_mut(k.probe as usize) {
-                *h += s.count + s.timed;
-            }
-        }
+        let hits = self.probes.point_hits()?;
         let cfg = *self.sets[0].gov.config();
         if cfg.budget.is_none() {
             return Ok(());
