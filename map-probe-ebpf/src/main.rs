@@ -107,11 +107,20 @@ static FATAL_SCRATCH: PerCpuArray<Fatal> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {
+    bump_was(idx);
+}
+
+/// Bumps a counter and says what it held before (per CPU).
+#[inline(always)]
+fn bump_was(idx: u32) -> u64 {
     if let Some(p) = STATS.get_ptr_mut(0) {
         if let Some(n) = unsafe { (*p).n.get_mut(idx as usize) } {
+            let was = *n;
             *n += 1;
+            return was;
         }
     }
+    0
 }
 
 #[inline(always)]
@@ -222,8 +231,11 @@ fn wait_started(ctx: &ProbeContext, cookie: u64, sp: u64, g: u64, sema: u64, now
         None => {
             let s = SiteStats { count: 1, ..SiteStats::default() };
             if SITES.insert(&key, &s, 0).is_err() {
-                bump(stat::AGG_FULL);
-                warn!(ctx, "site map full: a lock wait was not recorded");
+                // Once per CPU: every further loss is in the counter, and a
+                // log line per lost wait would flood whoever reads the log.
+                if bump_was(stat::AGG_FULL) == 0 {
+                    warn!(ctx, "site map full: lock waits are not being recorded");
+                }
                 return;
             }
         }

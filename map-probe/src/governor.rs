@@ -127,11 +127,13 @@ impl Governor {
 
     /// The set's points changed (a tier re-sort): judge it afresh with a
     /// short measuring window, now if it is closed.
-    pub fn restart(&mut self, now: Instant, hits: u64) {
+    /// `gap_start`..`now` is when the set was being re-linked, its probes
+    /// out: not attached time.
+    pub fn restart(&mut self, gap_start: Instant, now: Instant, hits: u64) {
         self.window_len = MIN_WINDOW.min(self.cfg.window);
         match self.window_start {
             Some(ws) => {
-                self.attached += now.saturating_duration_since(ws);
+                self.attached += gap_start.saturating_duration_since(ws);
                 self.window_start = Some(now);
                 self.window_hits0 = hits;
             }

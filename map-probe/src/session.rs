@@ -27,7 +27,7 @@ use crate::{
     export::Exporter,
     governor::{self, Decision, Governor},
     probes::{Probes, Slot, UprobeMode},
-    report::{self, MapSampling, Report, Risk, Sampling, TargetInfo},
+    report::{self, LockTier, MapSampling, Report, Risk, Sampling, TargetInfo},
     risks::{self, Clock},
     sites,
     symbolize::Symbolizer,
@@ -358,6 +358,7 @@ impl Observation {
         for (t, b) in a.budgets.iter().enumerate() {
             self.sets[t].gov.set_budget(*b, t > 0);
         }
+        let relink = Instant::now();
         let changed = self.probes.set_tiers(&a.tiers)?;
         for (tier, moved) in changed.iter().enumerate() {
             if !*moved {
@@ -371,7 +372,7 @@ impl Observation {
             }
 
             let hits = self.sets[tier].hits(&self.probes.stats()?);
-            self.sets[tier].gov.restart(now, hits);
+            self.sets[tier].gov.restart(relink, Instant::now(), hits);
         }
         Ok(())
     }
@@ -583,7 +584,26 @@ impl Observation {
                 start_unix_nanos: s.start_unix,
                 elapsed_secs: s.elapsed.as_secs_f64(),
                 attached_secs: s.attached[0].as_secs_f64(),
-                windows: s.windows[0],
+                // Tiers that never held a point open empty windows; not counted.
+                windows: (0..LOCK_TIERS)
+                    .filter(|&t| t == 0 || self.probes.tiers().iter().any(|&x| usize::from(x) == t))
+                    .map(|t| s.windows[t])
+                    .sum(),
+                lock_tiers: (0..LOCK_TIERS)
+                    .map(|t| LockTier {
+                        tier: t as u8,
+                        points: self
+                            .probes
+                            .tiers()
+                            .iter()
+                            .filter(|&&x| usize::from(x) == t)
+                            .count(),
+                        attached_secs: s.attached[t].as_secs_f64(),
+                        windows: s.windows[t],
+                        budget_cpu_percent: self.sets[t].gov.config().budget.map(|b| b * 100.0),
+                    })
+                    .filter(|t| t.points > 0)
+                    .collect(),
                 raw_hits: totals.hits,
                 raw_ret_hits: totals.ret_hits,
                 scale: s.scale,
@@ -594,7 +614,8 @@ impl Observation {
                         .into()
                 },
                 budget_cpu_percent: self.budget_total.map(|b| b * 100.0),
-                lock_budget_cpu_percent: cfg.budget.map(|b| b * 100.0),
+                // The tiers split it; the steady tier's config holds only its part.
+                lock_budget_cpu_percent: cfg.budget.map(|_| self.lock_budget * 100.0),
                 hit_cost_us: cfg.hit_cost.as_secs_f64() * 1e6,
                 trap_us: self.probes.trap_cost.map(|t| t.as_secs_f64() * 1e6),
                 window_ms: cfg.window.as_millis() as u64,

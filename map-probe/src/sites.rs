@@ -367,6 +367,11 @@ pub fn build_sites(
                 })
                 .map(|(i, _)| uniq[i].frames.clone())
                 .unwrap_or_default();
+            let site_scale = if a.raw == 0 {
+                1.0
+            } else {
+                (a.est / a.raw as f64).max(1.0)
+            };
             let lock = a
                 .locks
                 .iter()
@@ -391,19 +396,9 @@ pub fn build_sites(
                 kind: a.kind,
                 count: round(a.est),
                 raw_count: a.raw,
-                scale: if a.raw == 0 {
-                    1.0
-                } else {
-                    a.est / a.raw as f64
-                },
-                count_error: count_error(
-                    a.raw,
-                    if a.raw == 0 {
-                        1.0
-                    } else {
-                        a.est / a.raw as f64
-                    },
-                ),
+                scale: site_scale,
+                observed_share: 1.0 / site_scale,
+                count_error: count_error(a.raw, site_scale),
                 measured: match (a.at_call, a.shared) {
                     (true, false) => "call-site",
                     (false, true) => "shared",

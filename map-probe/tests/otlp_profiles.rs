@@ -219,10 +219,11 @@ fn profiles_arrive(protocol: &str) {
         );
         for (v, names) in &g.samples {
             assert!(*v > 0, "{protocol}: a zero value was sent");
+            // Innermost first: the lock whose slow path was called (a
+            // per-site point), or the semaphore (a shared probe).
+            let leaf = names.first().map_or("", String::as_str);
             assert!(
-                names
-                    .iter()
-                    .any(|n| n.contains("SemacquireMutex") || n.contains("SemacquireRWMutex")),
+                leaf.starts_with("sync.") || leaf.starts_with("internal/sync."),
                 "{protocol}: leaf frames are the wait: {names:?}"
             );
             if let Some(site) = names

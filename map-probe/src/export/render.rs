@@ -284,6 +284,7 @@ mod tests {
             count,
             raw_count: count,
             scale: 1.0,
+            observed_share: 1.0,
             count_error: 0.0,
             measured: "call-site".into(),
             wait: Wait {

@@ -89,6 +89,18 @@ pub struct Sampling {
     pub window_ms: u64,
     /// The map-write probes' own windows (absent when they were off).
     pub map_writes: Option<MapSampling>,
+    /// The lock points' tiers (see `tiers`): tier 0 steady, 1-7 windowed
+    /// with ever lower duty; only tiers holding points.
+    pub lock_tiers: Vec<LockTier>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct LockTier {
+    pub tier: u8,
+    pub points: usize,
+    pub attached_secs: f64,
+    pub windows: u32,
+    pub budget_cpu_percent: Option<f64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -148,6 +160,8 @@ pub struct Site {
     /// What `raw_count` was multiplied by: the inverse of the share of the
     /// run this site's probes were in (1: every wait was seen).
     pub scale: f64,
+    /// The share of the run its probes were in (1 / scale).
+    pub observed_share: f64,
     /// The estimate's relative error at 95% confidence, from the raw count
     /// (a Poisson count of n has a standard error of sqrt(n)): 0 when every
     /// wait was seen, 0.2 for 96 raw waits, 0.62 for 10.
@@ -298,6 +312,7 @@ pub(crate) mod tests {
                 trap_us: None,
                 window_ms: 500,
                 map_writes: None,
+                lock_tiers: Vec::new(),
             },
             probes: Vec::new(),
             drops: Drops::default(),
