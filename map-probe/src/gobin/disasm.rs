@@ -124,9 +124,6 @@ pub struct CallSite {
     pub call: u64,
     pub next: u64,
     pub target: u64,
-    /// Whether some jump in the function also lands on `next`: then a probe
-    /// there would fire on paths that never made the call.
-    pub next_is_jump_target: bool,
 }
 
 /// Every `CALL rel32` in one function's code whose target is in `targets`
@@ -136,7 +133,6 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
     let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut ins = Instruction::default();
     let mut calls = Vec::new();
-    let mut jump_targets = Vec::new();
     while dec.can_decode() {
         dec.decode_out(&mut ins);
         if ins.code() == Code::INVALID {
@@ -149,17 +145,9 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
                     call: ins.ip(),
                     next: ins.next_ip(),
                     target: t,
-                    next_is_jump_target: false,
                 });
             }
-        } else if (ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
-            && ins.op0_kind() == OpKind::NearBranch64
-        {
-            jump_targets.push(ins.near_branch_target());
         }
-    }
-    for c in &mut calls {
-        c.next_is_jump_target = jump_targets.contains(&c.next);
     }
     calls
 }
