@@ -564,6 +564,20 @@ impl Observation {
             });
         let mut drops = totals.drops;
         drops.stack_incomplete = incomplete;
+        let mut points = [0usize; LOCK_TIERS];
+        for &t in self.probes.tiers() {
+            points[usize::from(t) % LOCK_TIERS] += 1;
+        }
+        let lock_tiers: Vec<LockTier> = (0..LOCK_TIERS)
+            .filter(|&t| points[t] > 0)
+            .map(|t| LockTier {
+                tier: t as u8,
+                points: points[t],
+                attached_secs: s.attached[t].as_secs_f64(),
+                windows: s.windows[t],
+                budget_cpu_percent: self.sets[t].gov.config().budget.map(|b| b * 100.0),
+            })
+            .collect();
         Report {
             target: TargetInfo {
                 pid: target.pid,
@@ -584,26 +598,14 @@ impl Observation {
                 start_unix_nanos: s.start_unix,
                 elapsed_secs: s.elapsed.as_secs_f64(),
                 attached_secs: s.attached[0].as_secs_f64(),
-                // Tiers that never held a point open empty windows; not counted.
-                windows: (0..LOCK_TIERS)
-                    .filter(|&t| t == 0 || self.probes.tiers().iter().any(|&x| usize::from(x) == t))
-                    .map(|t| s.windows[t])
-                    .sum(),
-                lock_tiers: (0..LOCK_TIERS)
-                    .map(|t| LockTier {
-                        tier: t as u8,
-                        points: self
-                            .probes
-                            .tiers()
-                            .iter()
-                            .filter(|&&x| usize::from(x) == t)
-                            .count(),
-                        attached_secs: s.attached[t].as_secs_f64(),
-                        windows: s.windows[t],
-                        budget_cpu_percent: self.sets[t].gov.config().budget.map(|b| b * 100.0),
-                    })
-                    .filter(|t| t.points > 0)
-                    .collect(),
+                // Tiers holding no point open empty windows; not counted.
+                windows: s.windows[0]
+                    + lock_tiers
+                        .iter()
+                        .filter(|t| t.tier != 0)
+                        .map(|t| t.windows)
+                        .sum::<u32>(),
+                lock_tiers,
                 raw_hits: totals.hits,
                 raw_ret_hits: totals.ret_hits,
                 scale: s.scale,
