@@ -138,13 +138,19 @@ impl Governed {
         self.counters.iter().map(|&c| stats[c as usize]).sum()
     }
 
-    fn step(&mut self, probes: &mut Probes, now: Instant, stats: &[u64]) -> Result<()> {
-        match self.gov.tick(now, self.hits(stats)) {
+    fn act(&mut self, probes: &mut Probes, d: &Decision, stats: &[u64]) -> Result<()> {
+        match d {
             Decision::Attach => {
                 let a = Instant::now();
                 self.time_or_count(probes);
                 probes.attach(self.slot())?;
                 self.windows_since_move += 1;
+                log::debug!(
+                    "{:?} tier {}: attached in {:?}",
+                    self.purpose,
+                    self.tier,
+                    a.elapsed()
+                );
                 self.gov.attached_at(a, Instant::now(), self.hits(stats));
             }
             Decision::Detach => self.close(probes)?,
@@ -178,9 +184,19 @@ impl Governed {
 
     fn close(&mut self, probes: &mut Probes) -> Result<()> {
         let d = Instant::now();
+        let h0 = self.hits(&probes.stats()?);
         probes.detach(self.slot())?;
         let end = Instant::now();
         let hits = self.hits(&probes.stats()?);
+        // Hits go on while the breakpoints come out (10-20 ms for a tier of
+        // ~200 probes): worth seeing when a window costs more than planned.
+        log::debug!(
+            "{:?} tier {}: detached in {:?}, {} hits meanwhile",
+            self.purpose,
+            self.tier,
+            end - d,
+            hits.saturating_sub(h0)
+        );
         self.gov.detached_at(d, end, hits);
         Ok(())
     }
@@ -317,8 +333,24 @@ impl Observation {
         self.probes.flush_logs();
         let stats = self.probes.stats()?;
         let steady_was_open = self.sets[0].gov.is_open();
-        for s in &mut self.sets {
-            if let Err(e) = s.step(&mut self.probes, now, &stats) {
+        // Windows close before others open: an attach takes 10-20 ms, and
+        // a hot tier left open through it traps all that time.
+        let decisions: Vec<Decision> = self
+            .sets
+            .iter_mut()
+            .map(|s| s.gov.tick(now, s.hits(&stats)))
+            .collect();
+        let order = [Decision::Detach, Decision::Attach];
+        let due: Vec<usize> = order
+            .iter()
+            .flat_map(|o| {
+                let decisions = &decisions;
+                (0..decisions.len()).filter(move |&i| decisions[i] == *o)
+            })
+            .collect();
+        for i in due {
+            let (s, d) = (&mut self.sets[i], &decisions[i]);
+            if let Err(e) = s.act(&mut self.probes, d, &stats) {
                 // The target may have exited between the check and the attach.
                 if !self.target.alive() {
                     return Ok(Step::Gone);

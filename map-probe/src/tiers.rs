@@ -27,6 +27,8 @@ pub const REBALANCE_MIN: Duration = Duration::from_millis(250);
 /// in a tier that gave it 4 samples in 6 s. Eight hits give a rate within
 /// a factor of two, which is all a tier (a power of two) asks.
 const MIN_OBSERVED: Duration = Duration::from_millis(100);
+/// The least share of the lock budget the steady tier keeps.
+const STEADY_SHARE: f64 = 0.2;
 const MIN_HITS: u64 = 8;
 
 /// One point's tier and the time its probes were in, across tier moves.
@@ -175,9 +177,20 @@ pub fn assign(cost: &[f64], budget: f64) -> Assignment {
         tiers[i] = t as u8;
         budgets[t] += share;
     }
-    // The steady tier keeps the rest: at least what its points cost, room
-    // for one that heats up before the next re-sort.
-    budgets[0] = (budget - budgets[1..].iter().sum::<f64>()).max(budget * 0.05);
+    // The steady tier keeps the rest, and at least a fifth of the budget
+    // and twice what its points cost: its rates come from a few hits, and
+    // at the 5% it had when hot points took the rest, two waits too many in
+    // half a second closed it, and its ~200 probes were re-planted every
+    // second. The windowed tiers give up what that takes, in proportion.
+    let windowed: f64 = budgets[1..].iter().sum();
+    let steady = (budget - windowed)
+        .max(budget * STEADY_SHARE)
+        .max(2.0 * steady_cost);
+    budgets[0] = steady.min(budget);
+    if windowed > 0.0 && windowed + budgets[0] > budget {
+        let k = (budget - budgets[0]).max(0.0) / windowed;
+        budgets[1..].iter_mut().for_each(|b| *b *= k);
+    }
     Assignment { tiers, budgets }
 }
 
@@ -205,6 +218,19 @@ mod tests {
         // Every windowed site gets the same share, which its duty buys.
         let spent: f64 = a.budgets[1..].iter().sum();
         assert!(spent + cost[0] + cost[1] <= 0.0025 + 1e-12, "{a:?}");
+    }
+
+    /// A point no duty can afford (a lock waited on 45k times a second)
+    /// leaves the steady tier a fifth of the budget, not 5%: its cold sites'
+    /// few waits must not close it.
+    #[test]
+    fn the_steady_tier_keeps_a_fifth() {
+        let cost = [45_000.0 * 28e-6, 2.0 * 28e-6, 0.0];
+        let a = assign(&cost, 0.0025);
+        assert_eq!(a.tiers[0] as usize, LOCK_TIERS - 1, "{a:?}");
+        assert!((a.budgets[0] - 0.0005).abs() < 1e-12, "{a:?}");
+        let total: f64 = a.budgets.iter().sum();
+        assert!((total - 0.0025).abs() < 1e-12, "{a:?}");
     }
 
     /// A steady tier starved by a hot one is open a few ms per re-sort: a
