@@ -229,6 +229,9 @@ struct Mark {
 
 pub struct Observation {
     pub target: Target,
+    /// When `close` began: the observation's end, whatever the detach
+    /// took after it (10-20 ms a tier; counted, it inflated every scale).
+    ended: Option<Instant>,
     plans: Plans,
     probes: Probes,
     sets: Vec<Governed>,
@@ -306,6 +309,7 @@ impl Observation {
         let lock_budget = lock_cfg.budget.unwrap_or(0.0);
         Observation {
             lock_budget,
+            ended: None,
             target,
             plans,
             probes,
@@ -471,6 +475,7 @@ impl Observation {
 
     /// Closes every open window (the crash watch stays until drop).
     pub fn close(&mut self) -> Result<()> {
+        self.ended.get_or_insert_with(Instant::now);
         for s in &mut self.sets {
             s.close(&mut self.probes)?;
         }
@@ -480,7 +485,7 @@ impl Observation {
 
     /// The whole run so far.
     pub fn snapshot(&self, end: End) -> Result<Report> {
-        let now = Instant::now();
+        let now = self.ended.unwrap_or_else(Instant::now);
         let elapsed = now.duration_since(self.start);
         let stats = self.probes.stats()?;
         let raw = aggregate::collect(&self.probes)?;
@@ -515,7 +520,7 @@ impl Observation {
     /// waits in this interval, risks that are new or recurred, counters as
     /// deltas. `end` is None while the observation goes on.
     pub fn interval(&mut self, end: Option<End>) -> Result<Report> {
-        let now = Instant::now();
+        let now = self.ended.unwrap_or_else(Instant::now);
         let elapsed = now.duration_since(self.mark.at);
         let stats = self.probes.stats()?;
         let mut delta_stats = stats;
@@ -853,7 +858,10 @@ pub fn observe(
             tokio::select! {
                 _ = int.recv() => break End::Interrupted(libc::SIGINT),
                 _ = term.recv() => break End::Interrupted(libc::SIGTERM),
-                _ = tokio::time::sleep(next_tick) => {}
+                // Not past the end: a tick overshooting it lengthened the run.
+                _ = tokio::time::sleep(opts.duration.map_or(next_tick, |d| {
+                    next_tick.min(d.saturating_sub(start.elapsed()))
+                })) => {}
             }
             let now = Instant::now();
             let exited = match child.as_deref_mut() {
