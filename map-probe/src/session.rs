@@ -441,8 +441,8 @@ impl Observation {
         for (i, &t) in a.tiers.iter().enumerate() {
             time_now[usize::from(t)] |= counted[i] && !timed[i];
         }
-        for (t, now) in time_now.iter().enumerate().skip(1) {
-            if *now {
+        for t in 1..LOCK_TIERS {
+            if time_now[t] {
                 self.sets[t].windows_since_move = 0;
             }
             self.sets[t].time_or_count(&mut self.probes);
