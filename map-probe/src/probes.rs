@@ -382,6 +382,8 @@ impl Probes {
                 .expect("found above");
             set.entries = entries;
             set.rets = rets;
+            // New points are timed at once (see `time_next`).
+            set.ends = true;
             if was_attached {
                 self.attach(slot)?;
             }
@@ -413,12 +415,7 @@ impl Probes {
     /// Whether the slot's next attach takes its ends (wait time) or only its
     /// entries (counts).
     pub fn time_next(&mut self, slot: Slot, ends: bool) {
-        // Empty or not: `set_tiers` may be about to fill it.
-        if let Some(set) = self
-            .sets
-            .iter_mut()
-            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier)
-        {
+        if let Some(set) = self.set(slot) {
             set.ends = ends;
         }
     }

@@ -424,29 +424,6 @@ impl Observation {
         for (t, b) in a.budgets.iter().enumerate() {
             self.sets[t].gov.set_budget(*b, t > 0);
         }
-        // A windowed tier that takes in a point with waits counted but none
-        // timed yet times its next window; moves alone do not (a point
-        // flipping between two tiers every re-sort made every window a
-        // timed one).
-        let mut counted = vec![false; a.tiers.len()];
-        let mut timed = vec![false; a.tiers.len()];
-        for (k, st) in self.probes.sites()? {
-            let i = k.probe as usize;
-            if i < counted.len() {
-                counted[i] |= st.count > 0;
-                timed[i] |= st.timed > 0;
-            }
-        }
-        let mut time_now = [false; LOCK_TIERS];
-        for (i, &t) in a.tiers.iter().enumerate() {
-            time_now[usize::from(t)] |= counted[i] && !timed[i];
-        }
-        for t in 1..LOCK_TIERS {
-            if time_now[t] {
-                self.sets[t].windows_since_move = 0;
-            }
-            self.sets[t].time_or_count(&mut self.probes);
-        }
         let relink = Instant::now();
         let changed = self.probes.set_tiers(&a.tiers)?;
         for (tier, moved) in changed.iter().enumerate() {
@@ -456,12 +433,12 @@ impl Observation {
             let slot = self.sets[tier].slot();
             // A tier that was empty while its governor was open gets its
             // probes now; one that was closed opens at the next tick.
+            // Re-linked by `set_tiers`, with its ends: its first window.
+            self.sets[tier].windows_since_move = u32::from(self.probes.attached(slot));
             if self.sets[tier].gov.is_open() && !self.probes.attached(slot) {
                 self.sets[tier].time_or_count(&mut self.probes);
                 self.probes.attach(slot)?;
-            }
-            if self.probes.attached(slot) {
-                self.sets[tier].windows_since_move += 1;
+                self.sets[tier].windows_since_move = 1;
             }
 
             let hits = self.sets[tier].hits(&self.probes.stats()?);
