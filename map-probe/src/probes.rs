@@ -62,71 +62,12 @@ impl From<Purpose> for Slot {
     }
 }
 
-/// A lock-wait point's uprobes, whichever tier holds it: a call site's
-/// entry and end, or a shared end alone.
+/// A lock-wait point's uprobes, whichever tier holds it.
 #[derive(Clone)]
 struct Member {
-    entry: Option<u64>,
+    entry: u64,
     rets: Vec<u64>,
     cookie: u64,
-}
-
-/// The lock-wait points, then the ends several call sites share (their
-/// callee's RETs, see `catalog::site_points`). A shared end is a point of
-/// its own: it traps on every wait of its callee, whichever site, so the
-/// tiers place it by its own rate, and its sites' waits are timed while
-/// both their tier and its tier are in.
-#[derive(Clone, Default)]
-struct LockPoints {
-    members: Vec<Member>,
-}
-
-impl LockPoints {
-    fn of(points: &[catalog::Point]) -> LockPoints {
-        let mut shared_ends: Vec<&Vec<u64>> = Vec::new();
-        let mut members: Vec<Member> = points
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                if p.shared_end && !shared_ends.contains(&&p.ret_offsets) {
-                    shared_ends.push(&p.ret_offsets);
-                }
-                Member {
-                    entry: Some(p.entry_offset),
-                    rets: if p.shared_end {
-                        Vec::new()
-                    } else {
-                        p.ret_offsets.clone()
-                    },
-                    cookie: i as u64
-                        | catalog::cookie_flags(p.kind)
-                        | if p.call.is_some() { COOKIE_AT_CALL } else { 0 },
-                }
-            })
-            .collect();
-        for rets in shared_ends {
-            members.push(Member {
-                entry: None,
-                rets: rets.clone(),
-                // As mid-function: a RET of a wait whose site was out is no
-                // missed end.
-                cookie: members.len() as u64 | COOKIE_AT_CALL,
-            });
-        }
-        LockPoints { members }
-    }
-
-    /// The (offset, cookie) lists of one tier's entries and ends.
-    fn tier(&self, tiers: &[u8], tier: u8) -> (Points, Points) {
-        let mut entries = Vec::new();
-        let mut rets = Vec::new();
-        for (m, _) in self.members.iter().zip(tiers).filter(|(_, t)| **t == tier) {
-            let cookie = m.cookie | u64::from(tier) << COOKIE_TIER_SHIFT;
-            entries.extend(m.entry.map(|e| (e, cookie)));
-            rets.extend(m.rets.iter().map(|&r| (r, cookie | COOKIE_RET)));
-        }
-        (entries, rets)
-    }
 }
 
 /// The uprobes of one slot, (offset, cookie) each, and their links while attached.
@@ -137,19 +78,6 @@ struct Set {
     rets: Vec<(u64, u64)>,
     entry_link: Option<Handle>,
     ret_link: Option<Handle>,
-    /// Whether the next attach takes the ends too (`time_next`).
-    ends: bool,
-}
-
-impl Set {
-    /// Neither entries nor ends: nothing to attach (a tier holding no point).
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.rets.is_empty()
-    }
-
-    fn is_attached(&self) -> bool {
-        self.entry_link.is_some() || self.ret_link.is_some()
-    }
 }
 
 /// An attached link: made by a child (uprobe_multi; see `links`), or one
@@ -246,7 +174,7 @@ pub struct Probes {
     control: Control,
     calibration: Option<Handle>,
     /// Every lock-wait point and the tier it is in.
-    lock_points: LockPoints,
+    lock_points: Vec<Member>,
     tiers: Vec<u8>,
     /// What one trap costs on this host, when measured (`calibrate`).
     pub trap_cost: Option<Duration>,
@@ -297,7 +225,7 @@ impl Probes {
             .map_err(|e| log::debug!("no eBPF log: {e}"))
             .ok();
         let mut sets = Vec::new();
-        let mut lock_points = LockPoints::default();
+        let mut lock_points = Vec::new();
         for plan in plans {
             let prog = uprobe(&mut ebpf, mode, plan.purpose)?;
             prog.load().map_err(|e| {
@@ -306,15 +234,26 @@ impl Probes {
                     mode.program(plan.purpose)
                 )
             })?;
-            let points = LockPoints::of(&plan.points);
-            let everything = vec![0u8; points.members.len()];
+            let members: Vec<Member> = plan
+                .points
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Member {
+                    entry: p.entry_offset,
+                    rets: p.ret_offsets.clone(),
+                    cookie: i as u64
+                        | catalog::cookie_flags(p.kind)
+                        | if p.call.is_some() { COOKIE_AT_CALL } else { 0 },
+                })
+                .collect();
+            let everything = vec![0u8; members.len()];
             let tiers = if plan.purpose == Purpose::LockWait {
                 LOCK_TIERS as u8
             } else {
                 1
             };
             for tier in 0..tiers {
-                let (entries, rets) = points.tier(&everything, tier);
+                let (entries, rets) = tier_points(&members, &everything, tier);
                 sets.push(Set {
                     purpose: plan.purpose,
                     tier,
@@ -322,11 +261,10 @@ impl Probes {
                     rets,
                     entry_link: None,
                     ret_link: None,
-                    ends: true,
                 });
             }
             if plan.purpose == Purpose::LockWait {
-                lock_points = points;
+                lock_points = members;
             }
         }
         Ok(Probes {
@@ -338,7 +276,7 @@ impl Probes {
             sets,
             control: Control::default(),
             calibration: None,
-            tiers: vec![0; lock_points.members.len()],
+            tiers: vec![0; lock_points.len()],
             lock_points,
             trap_cost: None,
         })
@@ -355,7 +293,7 @@ impl Probes {
     pub fn set_tiers(&mut self, tiers: &[u8]) -> Result<[bool; LOCK_TIERS]> {
         let mut changed = [false; LOCK_TIERS];
         for tier in 0..LOCK_TIERS as u8 {
-            let (entries, rets) = self.lock_points.tier(tiers, tier);
+            let (entries, rets) = tier_points(&self.lock_points, tiers, tier);
             let slot = Slot {
                 purpose: Purpose::LockWait,
                 tier,
@@ -367,11 +305,11 @@ impl Probes {
             else {
                 continue;
             };
-            if set.entries == entries && set.rets == rets {
+            if set.entries == entries {
                 continue;
             }
             changed[tier as usize] = true;
-            let was_attached = set.is_attached();
+            let was_attached = set.entry_link.is_some();
             if was_attached {
                 self.detach(slot)?;
             }
@@ -382,8 +320,6 @@ impl Probes {
                 .expect("found above");
             set.entries = entries;
             set.rets = rets;
-            // New points are timed at once (see `time_next`).
-            set.ends = true;
             if was_attached {
                 self.attach(slot)?;
             }
@@ -395,29 +331,21 @@ impl Probes {
     fn set(&mut self, slot: Slot) -> Option<&mut Set> {
         self.sets
             .iter_mut()
-            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.is_empty())
+            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
     }
 
     pub fn has(&self, slot: impl Into<Slot>) -> bool {
         let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.is_empty())
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
     }
 
     pub fn attached(&self, slot: impl Into<Slot>) -> bool {
         let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && s.is_attached())
-    }
-
-    /// Whether the slot's next attach takes its ends (wait time) or only its
-    /// entries (counts).
-    pub fn time_next(&mut self, slot: Slot, ends: bool) {
-        if let Some(set) = self.set(slot) {
-            set.ends = ends;
-        }
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && s.entry_link.is_some())
     }
 
     pub fn attach(&mut self, slot: impl Into<Slot>) -> Result<Duration> {
@@ -441,12 +369,7 @@ impl Probes {
         let Some(set) = self.set(slot) else {
             return Ok(t.elapsed());
         };
-        let entries = set.entries.clone();
-        let rets = if set.ends {
-            set.rets.clone()
-        } else {
-            Vec::new()
-        };
+        let (entries, rets) = (set.entries.clone(), set.rets.clone());
         // RETs first: an entry seen before its RET is live would leave a
         // call "inside" until the window closes.
         let ret_link = if rets.is_empty() {
@@ -463,9 +386,6 @@ impl Probes {
         };
         if let Some(set) = self.set(slot) {
             set.ret_link = ret_link;
-        }
-        if entries.is_empty() {
-            return Ok(t.elapsed());
         }
         let entry_link = attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
         let entry_link = match entry_link {
@@ -572,7 +492,6 @@ impl Probes {
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map("POINT_HITS")?)?;
         let n = self
             .lock_points
-            .members
             .len()
             .min(map_probe_common::MAX_POINTS as usize);
         let mut out = Vec::with_capacity(n);
@@ -764,8 +683,20 @@ impl calibrate::Probe for Probes {
     }
 }
 
+/// The (offset, cookie) lists of one lock tier's entries and ends.
 /// (file offset, cookie) of each uprobe in a set.
 type Points = Vec<(u64, u64)>;
+
+fn tier_points(members: &[Member], tiers: &[u8], tier: u8) -> (Points, Points) {
+    let mut entries = Vec::new();
+    let mut rets = Vec::new();
+    for (m, _) in members.iter().zip(tiers).filter(|(_, t)| **t == tier) {
+        let cookie = m.cookie | u64::from(tier) << COOKIE_TIER_SHIFT;
+        entries.push((m.entry, cookie));
+        rets.extend(m.rets.iter().map(|&r| (r, cookie | COOKIE_RET)));
+    }
+    (entries, rets)
+}
 
 /// One link over `points` (offset, cookie), scoped to `pid`.
 fn attach_points(

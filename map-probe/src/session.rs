@@ -115,9 +115,6 @@ pub struct Outcome {
 /// since a hot path (a map write at ~100k calls/s) costs the target a
 /// millisecond of traps every few milliseconds the window stays open.
 const TICK_MAP_OPEN: Duration = Duration::from_millis(2);
-const TICK_MIN: Duration = Duration::from_micros(500);
-/// One window in this many of a windowed lock tier times waits.
-pub const TIMED_EVERY: u32 = 8;
 const TICK_OPEN: Duration = Duration::from_millis(5);
 const TICK_CLOSED: Duration = Duration::from_millis(20);
 
@@ -128,9 +125,6 @@ struct Governed {
     tier: u8,
     gov: Governor,
     counters: [u32; 2],
-    /// Windows opened since the set's points last changed: the first of
-    /// them, and every `TIMED_EVERY`-th, time waits.
-    windows_since_move: u32,
 }
 
 impl Governed {
@@ -138,41 +132,17 @@ impl Governed {
         self.counters.iter().map(|&c| stats[c as usize]).sum()
     }
 
-    fn act(&mut self, probes: &mut Probes, d: &Decision, stats: &[u64]) -> Result<()> {
-        match d {
+    fn step(&mut self, probes: &mut Probes, now: Instant, stats: &[u64]) -> Result<()> {
+        match self.gov.tick(now, self.hits(stats)) {
             Decision::Attach => {
                 let a = Instant::now();
-                self.time_or_count(probes);
                 probes.attach(self.slot())?;
-                self.windows_since_move += 1;
-                log::debug!(
-                    "{:?} tier {}: attached in {:?}",
-                    self.purpose,
-                    self.tier,
-                    a.elapsed()
-                );
                 self.gov.attached_at(a, Instant::now(), self.hits(stats));
             }
             Decision::Detach => self.close(probes)?,
             Decision::Stay => {}
         }
         Ok(())
-    }
-
-    /// A windowed tier's sites wait often, so their locks are contended;
-    /// a wait's end trap runs with the lock held, and every goroutine
-    /// queued on it waits out the trap too. On the bench's cache lock,
-    /// windows with ends put p99 up 9-11%, windows of entries alone 3.5-4%.
-    /// So one window in `TIMED_EVERY` (the first among them) takes the
-    /// ends and times waits; the others count. The steady tier always
-    /// times: its sites wait rarely.
-    fn time_or_count(&self, probes: &mut Probes) {
-        if self.purpose == Purpose::LockWait && self.tier > 0 {
-            probes.time_next(
-                self.slot(),
-                self.windows_since_move.is_multiple_of(TIMED_EVERY),
-            );
-        }
     }
 
     fn slot(&self) -> Slot {
@@ -184,19 +154,9 @@ impl Governed {
 
     fn close(&mut self, probes: &mut Probes) -> Result<()> {
         let d = Instant::now();
-        let h0 = self.hits(&probes.stats()?);
         probes.detach(self.slot())?;
         let end = Instant::now();
         let hits = self.hits(&probes.stats()?);
-        // Hits go on while the breakpoints come out (10-20 ms for a tier of
-        // ~200 probes): worth seeing when a window costs more than planned.
-        log::debug!(
-            "{:?} tier {}: detached in {:?}, {} hits meanwhile",
-            self.purpose,
-            self.tier,
-            end - d,
-            hits.saturating_sub(h0)
-        );
         self.gov.detached_at(d, end, hits);
         Ok(())
     }
@@ -229,9 +189,6 @@ struct Mark {
 
 pub struct Observation {
     pub target: Target,
-    /// When `close` began: the observation's end, whatever the detach
-    /// took after it (10-20 ms a tier; counted, it inflated every scale).
-    ended: Option<Instant>,
     plans: Plans,
     probes: Probes,
     sets: Vec<Governed>,
@@ -277,7 +234,6 @@ impl Observation {
                 tier: t as u8,
                 gov: Governor::new(lock_cfg, start),
                 counters: [tier_stat(t, false), tier_stat(t, true)],
-                windows_since_move: 0,
             })
             .collect();
         if let (Some(cfg), true) = (opts.maps, probes.has(Purpose::MapWrite)) {
@@ -286,7 +242,6 @@ impl Observation {
                 tier: 0,
                 gov: Governor::new(costed(cfg), start),
                 counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
-                windows_since_move: 0,
             });
         }
         for s in &mut sets {
@@ -305,11 +260,10 @@ impl Observation {
             risks: HashMap::new(),
             observed: Vec::new(),
         };
-        let tiers = Tiers::new(probes.tiers().len(), start);
+        let tiers = Tiers::new(plans.locks.points.len(), start);
         let lock_budget = lock_cfg.budget.unwrap_or(0.0);
         Observation {
             lock_budget,
-            ended: None,
             target,
             plans,
             probes,
@@ -337,24 +291,8 @@ impl Observation {
         self.probes.flush_logs();
         let stats = self.probes.stats()?;
         let steady_was_open = self.sets[0].gov.is_open();
-        // Windows close before others open: an attach takes 10-20 ms, and
-        // a hot tier left open through it traps all that time.
-        let decisions: Vec<Decision> = self
-            .sets
-            .iter_mut()
-            .map(|s| s.gov.tick(now, s.hits(&stats)))
-            .collect();
-        let order = [Decision::Detach, Decision::Attach];
-        let due: Vec<usize> = order
-            .iter()
-            .flat_map(|o| {
-                let decisions = &decisions;
-                (0..decisions.len()).filter(move |&i| decisions[i] == *o)
-            })
-            .collect();
-        for i in due {
-            let (s, d) = (&mut self.sets[i], &decisions[i]);
-            if let Err(e) = s.act(&mut self.probes, d, &stats) {
+        for s in &mut self.sets {
+            if let Err(e) = s.step(&mut self.probes, now, &stats) {
                 // The target may have exited between the check and the attach.
                 if !self.target.alive() {
                     return Ok(Step::Gone);
@@ -381,17 +319,13 @@ impl Observation {
                 .iter()
                 .any(|s| s.gov.is_open() && p.is_none_or(|p| s.purpose == p))
         };
-        let tick = if open(Some(Purpose::MapWrite)) {
+        Ok(Step::Next(if open(Some(Purpose::MapWrite)) {
             TICK_MAP_OPEN
         } else if open(None) {
             TICK_OPEN
         } else {
             TICK_CLOSED
-        };
-        // A window on a hot path closes when its traps reach their cap, not
-        // a whole tick later (a 5 ms tick at 45k traps/s is 7 ms of traps).
-        let due = self.sets.iter().filter_map(|s| s.gov.due(now)).min();
-        Ok(Step::Next(due.map_or(tick, |d| d.clamp(TICK_MIN, tick))))
+        }))
     }
 
     /// Each lock tier's attached time so far.
@@ -433,12 +367,8 @@ impl Observation {
             let slot = self.sets[tier].slot();
             // A tier that was empty while its governor was open gets its
             // probes now; one that was closed opens at the next tick.
-            // Re-linked by `set_tiers`, with its ends: its first window.
-            self.sets[tier].windows_since_move = u32::from(self.probes.attached(slot));
             if self.sets[tier].gov.is_open() && !self.probes.attached(slot) {
-                self.sets[tier].time_or_count(&mut self.probes);
                 self.probes.attach(slot)?;
-                self.sets[tier].windows_since_move = 1;
             }
 
             let hits = self.sets[tier].hits(&self.probes.stats()?);
@@ -475,7 +405,6 @@ impl Observation {
 
     /// Closes every open window (the crash watch stays until drop).
     pub fn close(&mut self) -> Result<()> {
-        self.ended.get_or_insert_with(Instant::now);
         for s in &mut self.sets {
             s.close(&mut self.probes)?;
         }
@@ -485,7 +414,7 @@ impl Observation {
 
     /// The whole run so far.
     pub fn snapshot(&self, end: End) -> Result<Report> {
-        let now = self.ended.unwrap_or_else(Instant::now);
+        let now = Instant::now();
         let elapsed = now.duration_since(self.start);
         let stats = self.probes.stats()?;
         let raw = aggregate::collect(&self.probes)?;
@@ -520,7 +449,7 @@ impl Observation {
     /// waits in this interval, risks that are new or recurred, counters as
     /// deltas. `end` is None while the observation goes on.
     pub fn interval(&mut self, end: Option<End>) -> Result<Report> {
-        let now = self.ended.unwrap_or_else(Instant::now);
+        let now = Instant::now();
         let elapsed = now.duration_since(self.mark.at);
         let stats = self.probes.stats()?;
         let mut delta_stats = stats;
@@ -766,10 +695,7 @@ struct Span<'a, 'b, 'c> {
 pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, Probes)> {
     let mut locks = catalog::plan(&target.bin, Purpose::LockWait)?;
     if !opts.wait_time {
-        locks.points.iter_mut().for_each(|p| {
-            p.ret_offsets.clear();
-            p.shared_end = false;
-        });
+        locks.points.iter_mut().for_each(|p| p.ret_offsets.clear());
     }
     let maps = match opts.maps {
         Some(_) => Some(catalog::plan(&target.bin, Purpose::MapWrite)?),
@@ -858,10 +784,7 @@ pub fn observe(
             tokio::select! {
                 _ = int.recv() => break End::Interrupted(libc::SIGINT),
                 _ = term.recv() => break End::Interrupted(libc::SIGTERM),
-                // Not past the end: a tick overshooting it lengthened the run.
-                _ = tokio::time::sleep(opts.duration.map_or(next_tick, |d| {
-                    next_tick.min(d.saturating_sub(start.elapsed()))
-                })) => {}
+                _ = tokio::time::sleep(next_tick) => {}
             }
             let now = Instant::now();
             let exited = match child.as_deref_mut() {

@@ -124,10 +124,6 @@ pub struct CallSite {
     pub call: u64,
     pub next: u64,
     pub target: u64,
-    /// Whether a jump in the function lands on `next` too, as where an
-    /// inlined RLock skips its slow path: a probe there would trap on every
-    /// fast-path call, not only after the CALL.
-    pub next_is_jump_target: bool,
 }
 
 /// Every `CALL rel32` in one function's code whose target is in `targets`
@@ -149,24 +145,7 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
                     call: ins.ip(),
                     next: ins.next_ip(),
                     target: t,
-                    next_is_jump_target: false,
                 });
-            }
-        }
-    }
-    // Most functions call none of the targets: only those are decoded twice.
-    if calls.is_empty() {
-        return calls;
-    }
-    let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
-    while dec.can_decode() {
-        dec.decode_out(&mut ins);
-        if (ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
-            && ins.op0_kind() == OpKind::NearBranch64
-        {
-            let to = ins.near_branch_target();
-            for c in calls.iter_mut().filter(|c| c.next == to) {
-                c.next_is_jump_target = true;
             }
         }
     }
