@@ -69,7 +69,9 @@ pub mod stat {
     /// Entry and end hits of lock-wait points in tiers 1-7, two each
     /// (`tier_stat`); tier 0's are `HITS` and `RET_HITS`.
     pub const TIER_HITS: u32 = 16;
-    pub const COUNT: u32 = 30;
+    /// A hit of an `_ip` program at an address with no cookie recorded.
+    pub const NO_POINT: u32 = 30;
+    pub const COUNT: u32 = 31;
 }
 
 /// The per-CPU counters, in one map entry so the agent reads them all in one
@@ -270,6 +272,8 @@ pub const MAX_SITES: u32 = 16384;
 /// Lock-wait probe points with their own hit counter; a binary with more
 /// call sites than this is probed through the shared semaphore functions.
 pub const MAX_POINTS: u32 = 16384;
+/// Probed addresses the `_ip` programs can look up (entries and RETs).
+pub const MAX_ADDRS: u32 = 65536;
 pub const MAX_STACKS: u32 = 16384;
 pub const MAX_INFLIGHT: u32 = 65536;
 

@@ -23,7 +23,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
     COOKIE_AT_CALL, COOKIE_RET, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
-    MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
+    MAX_ADDRS, MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
 
@@ -66,6 +66,14 @@ static POINT_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POINTS, 
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// Per probed address in the target: the cookie of its point, for the `_ip`
+/// programs. Kernels before 5.15 take no BPF cookie on a perf-event uprobe,
+/// so those look theirs up by the trapping address, as libbpf's USDT support
+/// does there: the kernel rewinds the saved IP to the breakpoint before any
+/// handler runs. Sized to one entry unless that mode is in use.
+#[map]
+static ADDR_COOKIES: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ADDRS, 0);
 
 #[map]
 static STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
@@ -123,6 +131,26 @@ fn bump_was(idx: u32) -> u64 {
     0
 }
 
+/// The point's cookie, from the link (uprobe_multi, or a perf-event uprobe
+/// on Linux 5.15+).
+#[inline(always)]
+fn link_cookie(ctx: &ProbeContext) -> Option<u64> {
+    Some(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) })
+}
+
+/// The point's cookie, by the address that trapped (`ADDR_COOKIES`).
+#[inline(always)]
+fn addr_cookie(ctx: &ProbeContext) -> Option<u64> {
+    let ip = unsafe { (*ctx.regs).rip };
+    match unsafe { ADDR_COOKIES.get(&ip) } {
+        Some(c) => Some(*c),
+        None => {
+            bump(stat::NO_POINT);
+            None
+        }
+    }
+}
+
 #[inline(always)]
 fn is_target() -> bool {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -135,21 +163,29 @@ fn is_target() -> bool {
 /// the return address on a stack Go may move).
 #[uprobe(multi)]
 pub fn lock_wait(ctx: ProbeContext) -> u32 {
-    lock_wait_hit(ctx)
+    lock_wait_hit(ctx, link_cookie)
 }
 
 /// `lock_wait` on kernels without uprobe_multi: one perf-event uprobe per point.
 #[uprobe]
 pub fn lock_wait_pe(ctx: ProbeContext) -> u32 {
-    lock_wait_hit(ctx)
+    lock_wait_hit(ctx, link_cookie)
+}
+
+/// `lock_wait` on kernels without BPF cookies (before 5.15).
+#[uprobe]
+pub fn lock_wait_ip(ctx: ProbeContext) -> u32 {
+    lock_wait_hit(ctx, addr_cookie)
 }
 
 #[inline(always)]
-fn lock_wait_hit(ctx: ProbeContext) -> u32 {
+fn lock_wait_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) -> u32 {
     if !is_target() {
         return 0;
     }
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(cookie) = cookie_of(&ctx) else {
+        return 0;
+    };
     let regs = unsafe { &*ctx.regs };
     let g = regs.r14;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -400,21 +436,29 @@ fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
 /// would seem to overlap it.
 #[uprobe(multi)]
 pub fn map_write(ctx: ProbeContext) -> u32 {
-    map_write_hit(ctx)
+    map_write_hit(ctx, link_cookie)
 }
 
 /// `map_write` on kernels without uprobe_multi.
 #[uprobe]
 pub fn map_write_pe(ctx: ProbeContext) -> u32 {
-    map_write_hit(ctx)
+    map_write_hit(ctx, link_cookie)
+}
+
+/// `map_write` on kernels without BPF cookies (before 5.15).
+#[uprobe]
+pub fn map_write_ip(ctx: ProbeContext) -> u32 {
+    map_write_hit(ctx, addr_cookie)
 }
 
 #[inline(always)]
-fn map_write_hit(ctx: ProbeContext) -> u32 {
+fn map_write_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) -> u32 {
     if !is_target() {
         return 0;
     }
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let Some(cookie) = cookie_of(&ctx) else {
+        return 0;
+    };
     let regs = unsafe { &*ctx.regs };
     let g = regs.r14;
     if cookie & COOKIE_RET != 0 {
@@ -544,20 +588,29 @@ fn overlap(first: &Writer, now: u64) {
 /// process dies. Always attached: it runs once per process lifetime.
 #[uprobe(multi)]
 pub fn go_fatal(ctx: ProbeContext) -> u32 {
-    go_fatal_hit(ctx)
+    go_fatal_hit(ctx, link_cookie)
 }
 
 /// `go_fatal` on kernels without uprobe_multi.
 #[uprobe]
 pub fn go_fatal_pe(ctx: ProbeContext) -> u32 {
-    go_fatal_hit(ctx)
+    go_fatal_hit(ctx, link_cookie)
+}
+
+/// `go_fatal` on kernels without BPF cookies (before 5.15).
+#[uprobe]
+pub fn go_fatal_ip(ctx: ProbeContext) -> u32 {
+    go_fatal_hit(ctx, addr_cookie)
 }
 
 #[inline(always)]
-fn go_fatal_hit(ctx: ProbeContext) -> u32 {
+fn go_fatal_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) -> u32 {
     if !is_target() {
         return 0;
     }
+    let Some(cookie) = cookie_of(&ctx) else {
+        return 0;
+    };
     bump(stat::FATAL_HITS);
     let regs = unsafe { &*ctx.regs };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -580,7 +633,7 @@ fn go_fatal_hit(ctx: ProbeContext) -> u32 {
     f.caller = unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0);
     f.map = unsafe { WRITING.get(&g) }.copied().unwrap_or(0);
     f.stack_id = user_stack(&ctx);
-    f.probe = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    f.probe = cookie as u32;
     let len = (regs.rbx as usize).min(FATAL_MSG - 1);
     f.msg_len = len as u32;
     f.msg = [0; FATAL_MSG];

@@ -117,6 +117,10 @@ pub struct Drops {
     /// OTLP exports (one target's interval) not delivered: the collector
     /// failed, was backed off from, or the capped queue was full.
     pub otlp_exports: u64,
+    /// Hits of a probe found by address (kernels without BPF cookies) at an
+    /// address no point was recorded for: lost. Never seen; counted so it
+    /// would show.
+    pub unknown_address: u64,
 }
 
 impl Drops {
@@ -126,6 +130,7 @@ impl Drops {
             + self.inflight_full
             + self.stack_incomplete
             + self.otlp_exports
+            + self.unknown_address
             > 0
     }
 }
@@ -152,6 +157,7 @@ pub fn totals(s: &[u64]) -> Totals {
             ret_unmatched: s[stat::RET_UNMATCHED as usize],
             stack_incomplete: 0,
             otlp_exports: 0,
+            unknown_address: s[stat::NO_POINT as usize],
         },
     }
 }

@@ -5,7 +5,7 @@ use std::{fs, path::PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::probes::{uprobe_multi_supported, UprobeMode};
+use crate::probes::{perf_event_cookies_supported, uprobe_multi_supported, UprobeMode};
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -62,12 +62,6 @@ impl Host {
                 sysfs().join("bus/event_source/devices/uprobe").display()
             );
         }
-        if UprobeMode::for_host() == UprobeMode::PerfEvent && !bpf_cookies() {
-            bail!(
-                "this kernel ({}) has neither uprobe_multi links (Linux 6.6) nor BPF cookies on perf-event uprobes (Linux 5.15): map-probe needs one of them",
-                self.kernel
-            );
-        }
         Ok(())
     }
 
@@ -75,6 +69,17 @@ impl Host {
     /// dies) cannot load; everything else works.
     pub fn crash_signals(&self) -> bool {
         self.btf
+    }
+
+    /// The crash-signal program reads the interrupted thread's registers
+    /// with `bpf_task_pt_regs` (Linux 5.15); before that it cannot load.
+    pub fn task_regs(&self) -> bool {
+        self.privileged()
+            && aya::sys::is_helper_supported(
+                aya::programs::ProgramType::RawTracePoint,
+                aya::sys::BpfHelper::BPF_FUNC_task_pt_regs,
+            )
+            .unwrap_or(false)
     }
 }
 
@@ -99,12 +104,16 @@ pub fn run() -> Result<bool> {
         yes(h.privileged() && uprobe_multi_supported())
     );
     println!(
-        "BPF cookies     {}  (perf-event uprobes, Linux 5.15+: the fallback)",
-        yes(h.privileged() && bpf_cookies())
+        "BPF cookies     {}  (on perf-event uprobes, Linux 5.15+; without them points are told apart by address)",
+        yes(h.privileged() && perf_event_cookies_supported())
     );
     println!(
         "BTF             {}  (/sys/kernel/btf/vmlinux: other threads' stacks at a crash)",
         yes(h.btf)
+    );
+    println!(
+        "task registers  {}  (bpf_task_pt_regs, Linux 5.15+: the same)",
+        yes(h.task_regs())
     );
     if h.privileged() {
         println!("uprobe mode     {}", UprobeMode::for_host().as_str());
@@ -126,12 +135,6 @@ pub fn run() -> Result<bool> {
             Ok(false)
         }
     }
-}
-
-/// Whether the kernel takes a BPF cookie on a perf-event link (Linux 5.15+).
-fn bpf_cookies() -> bool {
-    let (major, minor) = kernel_version();
-    (major, minor) >= (5, 15)
 }
 
 pub fn kernel_version() -> (u32, u32) {

@@ -88,23 +88,29 @@ enum Handle {
 }
 
 /// How uprobes reach the kernel. uprobe_multi (Linux 6.6+) plants a whole
-/// set in one link; older kernels take one perf-event uprobe per point (with
-/// BPF cookies, Linux 5.15+). The eBPF object carries a program of each kind.
+/// set in one link; older kernels take one perf-event uprobe per point, with
+/// its BPF cookie on the link from Linux 5.15, and before that the point is
+/// found by the address that trapped (`ADDR_COOKIES`). The eBPF object
+/// carries a program of each kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UprobeMode {
     Multi,
     PerfEvent,
+    PerfEventByAddr,
 }
 
 impl UprobeMode {
-    /// What this host supports, unless `MAP_PROBE_UPROBE_MODE` (`multi` or
-    /// `perf-event`) says otherwise: the tests force the fallback that way.
+    /// What this host supports, unless `MAP_PROBE_UPROBE_MODE` (`multi`,
+    /// `perf-event` or `perf-event-ip`) says otherwise: the tests force the
+    /// fallbacks that way.
     pub fn for_host() -> UprobeMode {
         match std::env::var("MAP_PROBE_UPROBE_MODE").as_deref() {
             Ok("perf-event") => UprobeMode::PerfEvent,
+            Ok("perf-event-ip") => UprobeMode::PerfEventByAddr,
             Ok("multi") => UprobeMode::Multi,
             _ if uprobe_multi_supported() => UprobeMode::Multi,
-            _ => UprobeMode::PerfEvent,
+            _ if perf_event_cookies_supported() => UprobeMode::PerfEvent,
+            _ => UprobeMode::PerfEventByAddr,
         }
     }
 
@@ -112,6 +118,9 @@ impl UprobeMode {
         match self {
             UprobeMode::Multi => "uprobe_multi links",
             UprobeMode::PerfEvent => "perf-event uprobes, one per point",
+            UprobeMode::PerfEventByAddr => {
+                "perf-event uprobes, one per point, told apart by address (no BPF cookies)"
+            }
         }
     }
 
@@ -119,8 +128,21 @@ impl UprobeMode {
         match self {
             UprobeMode::Multi => purpose.program().to_string(),
             UprobeMode::PerfEvent => format!("{}_pe", purpose.program()),
+            UprobeMode::PerfEventByAddr => format!("{}_ip", purpose.program()),
         }
     }
+}
+
+/// Whether a perf-event uprobe can carry a BPF cookie (Linux 5.15+): asked
+/// of the kernel, which must know the helper and take the cookie on a perf
+/// link, rather than judged by its version (distributions backport).
+pub fn perf_event_cookies_supported() -> bool {
+    aya::sys::is_helper_supported(
+        aya::programs::ProgramType::KProbe,
+        aya::sys::BpfHelper::BPF_FUNC_get_attach_cookie,
+    )
+    .unwrap_or(false)
+        && aya::sys::is_perf_link_supported().unwrap_or(false)
 }
 
 pub fn uprobe_multi_supported() -> bool {
@@ -203,6 +225,9 @@ impl Probes {
             .collect();
         for &(m, n) in &shrunk {
             loader.map_max_entries(m, n);
+        }
+        if mode != UprobeMode::PerfEventByAddr {
+            loader.map_max_entries("ADDR_COOKIES", 1);
         }
         let mut ebpf = loader
             .override_global("TARGET_TGID", &pid, true)
@@ -713,11 +738,37 @@ fn attach_points(
             .map(Handle::Child)
             .with_context(|| format!("attaching uprobes to {}", target.display()));
     }
+    // Without cookies the program finds its point by the trapping address.
+    // The calibration point is in map-probe itself, where the program
+    // returns before it looks: its address must not overwrite a target's.
+    let by_addr = mode == UprobeMode::PerfEventByAddr;
+    if by_addr && pid.get() != std::process::id() {
+        let layout = text::Layout::of(pid.get(), target)
+            .ok_or_else(|| anyhow!("PID {pid} maps no part of {}", target.display()))?;
+        let mut map: HashMap<&mut MapData, u64, u64> = HashMap::try_from(
+            ebpf.map_mut("ADDR_COOKIES")
+                .ok_or_else(|| anyhow!("eBPF object has no map ADDR_COOKIES"))?,
+        )?;
+        for &(off, cookie) in points {
+            let addr = layout.addr(off).ok_or_else(|| {
+                anyhow!(
+                    "file offset {off:#x} of {} is not mapped in PID {pid}",
+                    target.display()
+                )
+            })?;
+            map.insert(&addr, &cookie, 0).with_context(|| {
+                format!(
+                    "recording probe addresses (at most {})",
+                    map_probe_common::MAX_ADDRS
+                )
+            })?;
+        }
+    }
     let points: Vec<UProbeAttachPoint> = points
         .iter()
         .map(|&(off, cookie)| UProbeAttachPoint {
             location: UProbeAttachLocation::AbsoluteOffset(off),
-            cookie: Some(cookie),
+            cookie: (!by_addr).then_some(cookie),
         })
         .collect();
     uprobe(ebpf, mode, purpose)?

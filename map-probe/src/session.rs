@@ -743,6 +743,10 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
         eprintln!(
             "map-probe: this kernel exposes no BTF: a crash will show the throwing goroutine, not the other threads' stacks"
         );
+    } else if !host.task_regs() {
+        eprintln!(
+            "map-probe: this kernel has no bpf_task_pt_regs (Linux 5.15): a crash will show the throwing goroutine, not the other threads' stacks"
+        );
     } else if let Err(e) = probes.attach_crash_signals() {
         log::warn!("{e}: a crash will show the throwing goroutine only");
     }

@@ -20,15 +20,16 @@ struct Mapping {
     pgoff: u64,
 }
 
-pub struct Text {
-    mem: File,
+/// Where the target maps its executable: enough to turn a file offset into
+/// the address the CPU runs it at (PIE or not), without reading memory.
+pub struct Layout {
     maps: Vec<Mapping>,
 }
 
-impl Text {
+impl Layout {
     /// The target's mappings of `exe` (by inode), or None when the process
-    /// or its memory cannot be read.
-    pub fn of(pid: u32, exe: &Path) -> Option<Text> {
+    /// is gone or maps none of it.
+    pub fn of(pid: u32, exe: &Path) -> Option<Layout> {
         let ino = std::fs::metadata(exe).ok()?.ino();
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
         let maps = maps
@@ -46,8 +47,7 @@ impl Text {
                 })
             })
             .collect::<Vec<_>>();
-        let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
-        (!maps.is_empty()).then_some(Text { mem, maps })
+        (!maps.is_empty()).then_some(Layout { maps })
     }
 
     /// The runtime address of file offset `off`, if it is mapped.
@@ -56,6 +56,26 @@ impl Text {
             .iter()
             .find(|m| off >= m.pgoff && off - m.pgoff < m.end - m.start)
             .map(|m| m.start + off - m.pgoff)
+    }
+}
+
+pub struct Text {
+    mem: File,
+    layout: Layout,
+}
+
+impl Text {
+    /// The target's code as it runs, or None when the process or its
+    /// memory cannot be read.
+    pub fn of(pid: u32, exe: &Path) -> Option<Text> {
+        let layout = Layout::of(pid, exe)?;
+        let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+        Some(Text { mem, layout })
+    }
+
+    /// The runtime address of file offset `off`, if it is mapped.
+    pub fn addr(&self, off: u64) -> Option<u64> {
+        self.layout.addr(off)
     }
 
     /// The target's byte at file offset `off` as it runs.

@@ -79,66 +79,171 @@ fn assert_unprobed(pid: u32, what: &str) {
     }
 }
 
-/// Our BPF programs loaded since `since` (CLOCK_BOOTTIME) that no live
-/// process holds any more (through a program or link descriptor): what a
-/// map-probe that is gone would have left in the kernel. Programs of another
-/// map-probe still running (a parallel test run) are held, so not counted.
-fn our_programs_since(since: Duration) -> Vec<String> {
-    const OURS: [&str; 7] = [
-        "lock_wait",
-        "map_write",
-        "go_fatal",
-        "crash_signal",
-        "lock_wait_pe",
-        "map_write_pe",
-        "go_fatal_pe",
-    ];
-    let held = held_program_ids();
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| {
-            p.loaded_at().is_some_and(|t| {
-                t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
-                    >= unix_of_boottime(since)
-            })
-        })
-        .filter(|p| !held.contains(&p.id()))
-        .filter_map(|p| p.name_as_str().map(str::to_string))
-        .filter(|n| OURS.contains(&n.as_str()))
-        .collect()
+/// The names our eBPF object gives its programs and maps (maps' cut to the
+/// kernel's 15 characters; aya names the object's data sections' maps after
+/// them, aya-log its ring buffer AYA_LOGS).
+const OUR_PROGRAMS: [&str; 10] = [
+    "lock_wait",
+    "map_write",
+    "go_fatal",
+    "crash_signal",
+    "lock_wait_pe",
+    "map_write_pe",
+    "go_fatal_pe",
+    "lock_wait_ip",
+    "map_write_ip",
+    "go_fatal_ip",
+];
+const OUR_MAPS: [&str; 22] = [
+    "SITES",
+    "STACKS",
+    "HISTS",
+    "SITE_LOCKS",
+    "POINT_HITS",
+    "INFLIGHT",
+    "ADDR_COOKIES",
+    "STATS",
+    "CONTROL",
+    "WRITERS",
+    "ACTIVE",
+    "WRITING",
+    "OVERLAPS",
+    "FATAL_AT",
+    "FATALS",
+    "CRASH_STACKS",
+    "FATAL_SCRATCH",
+    "AYA_LOGS",
+    ".rodata",
+    ".rodata.cst8",
+    ".data",
+    ".bss",
+];
+
+/// What was in the kernel when a test began: programs are told new by
+/// their load time, maps and links (which carry none) by their IDs, which
+/// the kernel never reuses while it runs.
+struct KernelBefore {
+    since: Duration,
+    maps: HashSet<u32>,
+    links: HashSet<u32>,
 }
 
-/// `our_programs_since`, once the kernel has finished releasing what exited
-/// processes dropped (a link waits out a grace period after its last
-/// descriptor closes): empty within 5 s, or what is left then.
-fn programs_left_since(since: Duration) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = our_programs_since(since);
-        if left.is_empty() || Instant::now() >= deadline {
-            return left;
+impl KernelBefore {
+    fn now() -> KernelBefore {
+        KernelBefore {
+            since: boottime(),
+            maps: aya::maps::loaded_maps()
+                .filter_map(Result::ok)
+                .map(|m| m.id())
+                .collect(),
+            links: aya::programs::loaded_links()
+                .filter_map(Result::ok)
+                .map(|l| l.id())
+                .collect(),
         }
-        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// Our programs, maps and links made since then that nothing keeps
+    /// alive: no live process holds a descriptor to them and, for a map, no
+    /// live program uses it. What a map-probe that is gone left in the
+    /// kernel; another map-probe still running (a parallel test) holds its own.
+    fn ours_left(&self) -> Vec<String> {
+        let held = held_ids();
+        let mut left = Vec::new();
+        let programs: Vec<_> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .collect();
+        let ours = |n: Option<&str>, names: &[&str]| n.is_some_and(|n| names.contains(&n));
+        let mut our_prog_ids = HashSet::new();
+        for p in &programs {
+            if !ours(p.name_as_str(), &OUR_PROGRAMS) {
+                continue;
+            }
+            our_prog_ids.insert(p.id());
+            let new = p.loaded_at().is_some_and(|t| {
+                t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+                    >= unix_of_boottime(self.since)
+            });
+            if new && !held.programs.contains(&p.id()) {
+                left.push(format!("program {} ({})", p.id(), p.name_as_str().unwrap()));
+            }
+        }
+        let used_maps: HashSet<u32> = programs
+            .iter()
+            .filter_map(|p| p.map_ids().ok().flatten())
+            .flatten()
+            .collect();
+        for m in aya::maps::loaded_maps().filter_map(Result::ok) {
+            if ours(m.name_as_str(), &OUR_MAPS)
+                && !self.maps.contains(&m.id())
+                && !held.maps.contains(&m.id())
+                && !used_maps.contains(&m.id())
+            {
+                left.push(format!("map {} ({})", m.id(), m.name_as_str().unwrap()));
+            }
+        }
+        for l in aya::programs::loaded_links().filter_map(Result::ok) {
+            if our_prog_ids.contains(&l.program_id())
+                && !self.links.contains(&l.id())
+                && !held.links.contains(&l.id())
+            {
+                left.push(format!("link {} (program {})", l.id(), l.program_id()));
+            }
+        }
+        left
+    }
+
+    /// `ours_left`, once the kernel has finished releasing what exited
+    /// processes dropped (a link waits out a grace period after its last
+    /// descriptor closes, a map goes after the programs using it): empty
+    /// within 5 s, or what is left then.
+    fn left(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.ours_left();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
-/// Every `prog_id` any process's descriptors refer to (/proc/*/fdinfo).
-fn held_program_ids() -> HashSet<u32> {
-    let mut ids = HashSet::new();
+/// BPF object IDs that live processes hold descriptors to (/proc/*/fdinfo).
+#[derive(Default)]
+struct Held {
+    programs: HashSet<u32>,
+    maps: HashSet<u32>,
+    links: HashSet<u32>,
+}
+
+fn held_ids() -> Held {
+    let mut held = Held::default();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
             continue;
         };
         for fd in fds.flatten() {
             let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
-            ids.extend(
-                info.lines()
-                    .filter_map(|l| l.strip_prefix("prog_id:"))
-                    .filter_map(|v| v.trim().parse::<u32>().ok()),
-            );
+            for l in info.lines() {
+                let Some((k, v)) = l.split_once(':') else {
+                    continue;
+                };
+                let Ok(id) = v.trim().parse::<u32>() else {
+                    continue;
+                };
+                match k {
+                    // A link's fdinfo names its program too: a held link
+                    // holds its program.
+                    "prog_id" => held.programs.insert(id),
+                    "map_id" => held.maps.insert(id),
+                    "link_id" => held.links.insert(id),
+                    _ => false,
+                };
+            }
         }
     }
-    ids
+    held
 }
 
 fn boottime() -> Duration {
@@ -188,11 +293,11 @@ fn rate(fixture: &mut Child, n: usize) -> f64 {
 
 /// The end of a stress test on the mapsafe fixture: nothing of ours left in
 /// the kernel, and the fixture's own checksum of its work right.
-fn assert_clean_end(fixture: &mut Child, since: Duration) {
+fn assert_clean_end(fixture: &mut Child, before: &KernelBefore) {
     assert_eq!(
-        programs_left_since(since),
+        before.left(),
         Vec::<String>::new(),
-        "programs left in the kernel"
+        "BPF programs, maps or links of ours left in the kernel"
     );
     fixture.signal(libc::SIGTERM);
     let line = fixture.wait_for_line("exit writes=", Duration::from_secs(10));
@@ -206,7 +311,7 @@ fn assert_clean_end(fixture: &mut Child, since: Duration) {
 #[test]
 fn a_thousand_windows_leave_no_trace() {
     require_root();
-    let since = boottime();
+    let kernel = KernelBefore::now();
     let bin = go_fixture("mapsafe", GoToolchain::Go126, Variant::Pie);
     let mut fixture = start_fixture(&bin, &["-mode", "locked", "-duration", "0"]);
     let before = rate(&mut fixture, 5);
@@ -247,7 +352,7 @@ fn a_thousand_windows_leave_no_trace() {
         "throughput must recover: {before:.0} -> {after:.0} writes/s"
     );
     assert_unprobed(fixture.pid(), "after 1,000 windows");
-    assert_clean_end(&mut fixture, since);
+    assert_clean_end(&mut fixture, &kernel);
 }
 
 /// map-probe SIGKILLed 50 times at random moments (loading, attaching,
@@ -256,7 +361,7 @@ fn a_thousand_windows_leave_no_trace() {
 #[test]
 fn sigkill_at_random_moments_harms_nothing() {
     require_root();
-    let since = boottime();
+    let kernel = KernelBefore::now();
     let bin = go_fixture("mapsafe", GoToolchain::Go126, Variant::Plain);
     let mut fixture = start_fixture(&bin, &["-mode", "locked", "-duration", "0"]);
     let pid = fixture.pid().to_string();
@@ -310,7 +415,7 @@ fn sigkill_at_random_moments_harms_nothing() {
         }
     }
     eprintln!("50 kills: target unharmed every time; {whole} runs had finished their JSON");
-    assert_clean_end(&mut fixture, since);
+    assert_clean_end(&mut fixture, &kernel);
 }
 
 /// A target that starts and ends thousands of threads and goroutines and
@@ -371,7 +476,9 @@ fn targets_that_churn_exit_or_exec() {
 }
 
 /// On a kernel without uprobe_multi map-probe plants classic perf-event
-/// uprobes, one per point: forced here, the reports are the same.
+/// uprobes, one per point, with the point's cookie on the link (5.15+) or,
+/// before BPF cookies, found by the address that trapped: both forced here,
+/// the reports are the same.
 #[test]
 fn perf_event_uprobes_give_the_same_reports() {
     require_root();
@@ -398,7 +505,16 @@ fn perf_event_uprobes_give_the_same_reports() {
             "{mode}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        read_json(&path)["sites"]
+        let r = read_json(&path);
+        let timed: u64 = r["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["wait"]["timed"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(timed > 0, "{mode}: no wait was timed: {r}");
+        assert_eq!(r["drops"]["unknown_address"], 0, "{mode}: {}", r["drops"]);
+        r["sites"]
             .as_array()
             .unwrap()
             .iter()
@@ -413,55 +529,67 @@ fn perf_event_uprobes_give_the_same_reports() {
             .collect()
     };
     let multi = sites("multi");
-    let perf = sites("perf-event");
     assert!(multi.len() >= 5, "{multi:?}");
-    assert_eq!(multi, perf, "the two attach paths must find the same sites");
-    let doctor = Command::new(map_probe_bin())
-        .env("MAP_PROBE_UPROBE_MODE", "perf-event")
-        .arg("doctor")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&doctor.stdout).contains("perf-event uprobes, one per point"));
+    for mode in ["perf-event", "perf-event-ip"] {
+        assert_eq!(
+            multi,
+            sites(mode),
+            "{mode}: the attach paths must find the same sites"
+        );
+    }
+    for (mode, says) in [
+        ("perf-event", "perf-event uprobes, one per point"),
+        ("perf-event-ip", "told apart by address"),
+    ] {
+        let doctor = Command::new(map_probe_bin())
+            .env("MAP_PROBE_UPROBE_MODE", mode)
+            .arg("doctor")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&doctor.stdout).contains(says));
+    }
 
-    // The crash capture too.
-    let crash = go_fixture("mapcrash", GoToolchain::Go126, Variant::Plain);
-    let fixture = start_fixture(&crash, &["-delay", "2s"]);
-    let path = tmp("fallback-crash.json");
-    let out = Command::new(map_probe_bin())
-        .env("MAP_PROBE_UPROBE_MODE", "perf-event")
-        .args([
-            "attach",
-            "--pid",
-            &fixture.pid().to_string(),
-            "--duration",
-            "30",
-            "--json",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = read_json(&path);
-    let fatal = r["risks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["kind"] == "fatal")
-        .expect("a fatal risk");
-    assert_eq!(fatal["message"], "concurrent map writes");
-    assert!(
-        fatal["writers"]
+    // The crash capture too, and a concurrent write seen as one.
+    for mode in ["perf-event", "perf-event-ip"] {
+        let crash = go_fixture("mapcrash", GoToolchain::Go126, Variant::Plain);
+        let fixture = start_fixture(&crash, &["-delay", "2s"]);
+        let path = tmp(&format!("fallback-crash-{mode}.json"));
+        let out = Command::new(map_probe_bin())
+            .env("MAP_PROBE_UPROBE_MODE", mode)
+            .args([
+                "attach",
+                "--pid",
+                &fixture.pid().to_string(),
+                "--duration",
+                "30",
+                "--json",
+                path.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = read_json(&path);
+        let fatal = r["risks"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|w| w["state"] == "throwing" && w["function"] == "main.writer"),
-        "{fatal}"
-    );
+            .find(|x| x["kind"] == "fatal")
+            .expect("a fatal risk");
+        assert_eq!(fatal["message"], "concurrent map writes");
+        assert!(
+            fatal["writers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["state"] == "throwing" && w["function"] == "main.writer"),
+            "{mode}: {fatal}"
+        );
+    }
 }
 
 /// Without BTF the crash-signal capture is dropped with one line; the rest

@@ -73,6 +73,13 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
         if d.otlp_exports > 0 {
             writeln!(out, "drops: {} OTLP export(s) undelivered", d.otlp_exports)?;
         }
+        if d.unknown_address > 0 {
+            writeln!(
+                out,
+                "drops: {} hit(s) at an address with no probe point recorded",
+                d.unknown_address
+            )?;
+        }
     } else {
         writeln!(out, "drops: none")?;
     }
