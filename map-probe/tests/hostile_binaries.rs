@@ -10,6 +10,10 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -156,6 +160,54 @@ fn limit_memory(bytes: u64) {
     unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) };
 }
 
+/// What one variant may take.
+const LIMIT: Duration = Duration::from_secs(3);
+
+/// A reader that hangs never returns to the loop that would time it, so a
+/// watchdog thread does: once the variant being read passes the limit, it
+/// names the variant and ends the test process.
+struct Watchdog {
+    /// When the current variant began, in ms since `base`; 0 between variants.
+    started_ms: Arc<AtomicU64>,
+    recipe: Arc<Mutex<String>>,
+    base: Instant,
+}
+
+impl Watchdog {
+    fn start() -> Watchdog {
+        let w = Watchdog {
+            started_ms: Arc::new(AtomicU64::new(0)),
+            recipe: Arc::new(Mutex::new(String::new())),
+            base: Instant::now(),
+        };
+        let (started, recipe, base) = (w.started_ms.clone(), w.recipe.clone(), w.base);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let at = started.load(Ordering::Acquire);
+            let now = base.elapsed().as_millis() as u64;
+            if at != 0 && now.saturating_sub(at) > LIMIT.as_millis() as u64 {
+                eprintln!(
+                    "hung: still reading after {} ms: {}",
+                    now - at,
+                    recipe.lock().unwrap()
+                );
+                std::process::exit(101);
+            }
+        });
+        w
+    }
+
+    fn reading(&self, recipe: &str) {
+        *self.recipe.lock().unwrap() = recipe.to_string();
+        let now = (self.base.elapsed().as_millis() as u64).max(1);
+        self.started_ms.store(now, Ordering::Release);
+    }
+
+    fn done(&self) {
+        self.started_ms.store(0, Ordering::Release);
+    }
+}
+
 /// Runs `count` variants from `seed`; the one being read is written to a file
 /// first, so even an abort leaves its recipe behind.
 fn run(seed: u64, count: usize, deadline: Option<Instant>) -> (usize, usize) {
@@ -163,6 +215,7 @@ fn run(seed: u64, count: usize, deadline: Option<Instant>) -> (usize, usize) {
     limit_memory(8 << 30);
     let current = tmp("hostile-current.txt");
     let mut rng = Rng(seed | 1);
+    let watchdog = Watchdog::start();
     let (mut done, mut read) = (0, 0);
     for i in 0..count {
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -173,15 +226,13 @@ fn run(seed: u64, count: usize, deadline: Option<Instant>) -> (usize, usize) {
         std::fs::write(&current, &recipe).unwrap();
         let mut qrng = Rng(rng.next() | 1);
         let t = Instant::now();
+        watchdog.reading(&recipe);
         let res =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exercise(data, &mut qrng)));
+        watchdog.done();
         read += usize::from(res.as_ref().is_ok_and(|&r| r));
         assert!(res.is_ok(), "panicked on {recipe}");
-        assert!(
-            t.elapsed() < Duration::from_secs(3),
-            "took {:?} on {recipe}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < LIMIT, "took {:?} on {recipe}", t.elapsed());
         done += 1;
     }
     (done, read)
@@ -230,4 +281,37 @@ fn fuzz_for_a_while() {
         "{n} variants ({read} read, {} refused), no failure",
         n - read
     );
+}
+
+/// The watchdog itself: a reader stuck past the limit ends the process with
+/// the variant named, instead of hanging CI for its whole timeout.
+#[test]
+fn a_hung_reader_is_caught() {
+    let t = Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hang_for_the_watchdog",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("MAP_PROBE_HANG", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{err}");
+    assert!(err.contains("hung: still reading after"), "{err}");
+    assert!(err.contains("a deliberate hang"), "{err}");
+    assert!(t.elapsed() < LIMIT * 3, "caught late: {:?}", t.elapsed());
+}
+
+#[test]
+#[ignore = "run by a_hung_reader_is_caught"]
+fn hang_for_the_watchdog() {
+    if std::env::var_os("MAP_PROBE_HANG").is_none() {
+        return;
+    }
+    let w = Watchdog::start();
+    w.reading("a deliberate hang");
+    std::thread::sleep(LIMIT * 10);
 }
