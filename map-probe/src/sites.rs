@@ -253,11 +253,24 @@ pub fn build_sites(
             continue;
         };
         let k = scales.get(r.point).copied().unwrap_or(1.0);
-        let frames: Vec<FrameOut> = sym
+        let mut frames: Vec<FrameOut> = sym
             .stack(&r.pcs, r.first_is_ip)
             .iter()
             .map(FrameOut::from)
             .collect();
+        // A stack lost to the stack map (full, or its hash bucket taken:
+        // 10,000 distinct stacks in its 16,384 buckets lose a quarter) still
+        // names a per-site point's site: it is the CALL the probe sits on.
+        // Only the callers above it are unknown.
+        if frames.is_empty() {
+            if let Some(call) = point.call {
+                frames = sym
+                    .frames_at_link(call)
+                    .iter()
+                    .map(FrameOut::from)
+                    .collect();
+            }
+        }
         if frames.is_empty() {
             continue;
         }

@@ -36,6 +36,11 @@ impl<'a> Symbolizer<'a> {
         out
     }
 
+    /// Frames at a link-time address (a probe point's own instruction).
+    pub fn frames_at_link(&mut self, pc: u64) -> Vec<Frame> {
+        self.frames(pc.wrapping_add(self.bias)).to_vec()
+    }
+
     /// A runtime data address as `symbol+offset` (`main.cache+8`), when the
     /// binary's symbol table has the global that holds it.
     pub fn data(&self, addr: u64) -> Option<String> {

@@ -637,7 +637,8 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
     let bin = go_fixture("manystacks", GoToolchain::Go126, Variant::Plain);
     let fixture = start_fixture(&bin, &["-duration", "60s", "-workers", "16"]);
     let path = tmp("full-tables.json");
-    let mut probe = Command::new(map_probe_bin())
+    let mut probe = Command::new(map_probe_bin());
+    probe
         .env("MAP_PROBE_MAX_SITES", "64")
         .env("MAP_PROBE_MAX_STACKS", "128")
         .args([
@@ -650,7 +651,67 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
             "unlimited",
             "--no-wait-time",
         ])
+        .args(["--json", path.to_str().unwrap()]);
+    let peak_kb = run_measuring_rss(probe);
+    let r = read_json(&path);
+    let d = &r["drops"];
+    eprintln!(
+        "shrunk tables: drops {d}; {} sites; peak RSS {} MB",
+        r["sites"].as_array().unwrap().len(),
+        peak_kb / 1024
+    );
+    assert!(d["stack_lost"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["site_map_full"].as_u64().unwrap() > 0, "{d}");
+    assert!(peak_kb < 100 * 1024, "map-probe used {} MB", peak_kb / 1024);
+
+    // At full size the stack table fills too (16,384 of 262,144 stacks),
+    // and every kept stack is symbolized and drawn: the bound the README
+    // states.
+    let path = tmp("full-size-tables.json");
+    let svg = tmp("full-size-tables.svg");
+    let mut probe = Command::new(map_probe_bin());
+    probe
+        .args([
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "15",
+            "--budget",
+            "unlimited",
+            "--no-wait-time",
+        ])
         .args(["--json", path.to_str().unwrap()])
+        .args(["--flamegraph", svg.to_str().unwrap()]);
+    let peak_kb = run_measuring_rss(probe);
+    let r = read_json(&path);
+    let d = &r["drops"];
+    let stacks: u64 = r["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stacks"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "full-size tables: drops {d}; {stacks} stacks kept; flamegraph {} KB; peak RSS {} MB",
+        std::fs::metadata(&svg).unwrap().len() / 1024,
+        peak_kb / 1024
+    );
+    assert!(d["stack_lost"].as_u64().unwrap() > 0, "{d}");
+    assert!(stacks > 10_000, "only {stacks} stacks kept");
+    assert!(
+        peak_kb < FULL_TABLES_RSS_MB * 1024,
+        "map-probe used {} MB with full tables, over the stated {FULL_TABLES_RSS_MB} MB",
+        peak_kb / 1024
+    );
+}
+
+/// The README's bound on map-probe's memory with every table full.
+const FULL_TABLES_RSS_MB: u64 = 200;
+
+/// Runs map-probe to its end, sampling its RSS every 50 ms; its peak, in KB.
+fn run_measuring_rss(mut cmd: Command) -> u64 {
+    let mut probe = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -668,17 +729,86 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(probe.wait().unwrap().success());
+    let out = probe.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    peak_kb
+}
+
+/// Ten thousand distinct lock call sites, more than any service has
+/// (Debian's etcd has 831, caddy 885), in a stripped binary, at the default
+/// budget: a probe point for every site, every site seen named at its own
+/// line even when the kernel's stack table could not keep its stack, and
+/// memory within the bound.
+///
+/// Not every site is seen in every run: in about one run in five here a
+/// contiguous run of sites (6 to 1,165 of them, at most 12%) got no entry
+/// hit for the whole run, though their breakpoints were read back planted
+/// at every attach and detach and their end probes fired. The bar is what
+/// 35 runs never fell below; the README says so.
+#[test]
+fn ten_thousand_sites_are_named() {
+    require_root();
+    let bin = go_fixture("manysites", GoToolchain::Go126, Variant::Stripped);
+    let src =
+        std::fs::read_to_string(workspace_root().join("fixtures/manysites/sites_gen.go")).unwrap();
+    // site N's Lock is the line after its `func siteN() {`.
+    let lines: std::collections::HashMap<String, u64> = src
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let n = l.strip_prefix("func site")?.strip_suffix("() {")?;
+            Some((format!("main.site{n}"), i as u64 + 2))
+        })
+        .collect();
+    assert_eq!(lines.len(), 10_000);
+    let fixture = start_fixture(&bin, &["-duration", "60s"]);
+    let path = tmp("ten-thousand-sites.json");
+    let mut probe = Command::new(map_probe_bin());
+    probe
+        .args([
+            "attach",
+            "--pid",
+            &fixture.pid().to_string(),
+            "--duration",
+            "8",
+        ])
+        .args(["--json", path.to_str().unwrap()]);
+    let t = Instant::now();
+    let peak_kb = run_measuring_rss(probe);
+    let took = t.elapsed();
     let r = read_json(&path);
-    let d = &r["drops"];
+    let sites = r["sites"].as_array().unwrap();
+    let mut named = 0;
+    for s in sites {
+        let f = s["function"].as_str().unwrap();
+        let Some(&line) = lines.get(f) else {
+            continue;
+        };
+        assert_eq!(s["line"], line, "{f}: {s}");
+        assert_eq!(s["measured"], "call-site", "{f}");
+        named += 1;
+    }
     eprintln!(
-        "drops {d}; {} sites; peak RSS {} MB",
-        r["sites"].as_array().unwrap().len(),
+        "{named} of 10,000 sites named; {} probe points; drops {}; {:.1} s for an 8 s run; peak RSS {} MB",
+        r["probes"].as_array().map_or(0, Vec::len),
+        r["drops"],
+        took.as_secs_f64(),
         peak_kb / 1024
     );
-    assert!(d["stack_lost"].as_u64().unwrap() > 0, "{d}");
-    assert!(d["site_map_full"].as_u64().unwrap() > 0, "{d}");
-    assert!(peak_kb < 100 * 1024, "map-probe used {} MB", peak_kb / 1024);
+    // One per site, and the runtime's own few.
+    let points = r["probes"].as_array().map_or(0, Vec::len);
+    assert!((10_000..10_100).contains(&points), "{points} probe points");
+    assert_eq!(r["drops"]["site_map_full"], 0, "{}", r["drops"]);
+    assert!(named >= 8_500, "only {named} of 10,000 sites named");
+    assert!(
+        peak_kb < FULL_TABLES_RSS_MB * 1024,
+        "map-probe used {} MB",
+        peak_kb / 1024
+    );
 }
 
 /// The built BPF object never calls a helper that writes user memory or
