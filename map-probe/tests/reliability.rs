@@ -747,7 +747,7 @@ fn run_measuring_rss(mut cmd: Command) -> u64 {
 /// Not every site is seen in every run. With end probes planted before
 /// entries, 2 runs in 5 lost a block of consecutive sites (6 to 1,216) for
 /// the whole run; lock windows plant entries first since, and 1 run in 30
-/// still left 2,112 unseen (its windowed tier never opened). The bar is
+/// still left 2,112 unseen (no lock window opened after its first). The bar is
 /// below the lowest run here (7,888); the README says so.
 #[test]
 fn ten_thousand_sites_are_named() {
