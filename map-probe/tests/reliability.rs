@@ -637,21 +637,15 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
     let bin = go_fixture("manystacks", GoToolchain::Go126, Variant::Plain);
     let fixture = start_fixture(&bin, &["-duration", "60s", "-workers", "16"]);
     let path = tmp("full-tables.json");
-    let mut probe = Command::new(map_probe_bin());
+    let mut probe = attach_for(
+        fixture.pid(),
+        5,
+        &path,
+        &["--budget", "unlimited", "--no-wait-time"],
+    );
     probe
         .env("MAP_PROBE_MAX_SITES", "64")
-        .env("MAP_PROBE_MAX_STACKS", "128")
-        .args([
-            "attach",
-            "--pid",
-            &fixture.pid().to_string(),
-            "--duration",
-            "5",
-            "--budget",
-            "unlimited",
-            "--no-wait-time",
-        ])
-        .args(["--json", path.to_str().unwrap()]);
+        .env("MAP_PROBE_MAX_STACKS", "128");
     let peak_kb = run_measuring_rss(probe);
     let r = read_json(&path);
     let d = &r["drops"];
@@ -669,20 +663,18 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
     // states.
     let path = tmp("full-size-tables.json");
     let svg = tmp("full-size-tables.svg");
-    let mut probe = Command::new(map_probe_bin());
-    probe
-        .args([
-            "attach",
-            "--pid",
-            &fixture.pid().to_string(),
-            "--duration",
-            "15",
+    let probe = attach_for(
+        fixture.pid(),
+        15,
+        &path,
+        &[
             "--budget",
             "unlimited",
             "--no-wait-time",
-        ])
-        .args(["--json", path.to_str().unwrap()])
-        .args(["--flamegraph", svg.to_str().unwrap()]);
+            "--flamegraph",
+            svg.to_str().unwrap(),
+        ],
+    );
     let peak_kb = run_measuring_rss(probe);
     let r = read_json(&path);
     let d = &r["drops"];
@@ -708,6 +700,17 @@ fn full_tables_are_counted_and_memory_stays_bounded() {
 
 /// The README's bound on map-probe's memory with every table full.
 const FULL_TABLES_RSS_MB: u64 = 200;
+
+/// `map-probe attach` of `pid` for `secs` writing JSON to `json`, with `extra`.
+fn attach_for(pid: u32, secs: u32, json: &std::path::Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(map_probe_bin());
+    cmd.args(["attach", "--pid", &pid.to_string()])
+        .args(["--duration", &secs.to_string()])
+        .arg("--json")
+        .arg(json)
+        .args(extra);
+    cmd
+}
 
 /// Runs map-probe to its end, sampling its RSS every 50 ms; its peak, in KB.
 fn run_measuring_rss(mut cmd: Command) -> u64 {
@@ -767,16 +770,7 @@ fn ten_thousand_sites_are_named() {
     assert_eq!(lines.len(), 10_000);
     let fixture = start_fixture(&bin, &["-duration", "60s"]);
     let path = tmp("ten-thousand-sites.json");
-    let mut probe = Command::new(map_probe_bin());
-    probe
-        .args([
-            "attach",
-            "--pid",
-            &fixture.pid().to_string(),
-            "--duration",
-            "8",
-        ])
-        .args(["--json", path.to_str().unwrap()]);
+    let probe = attach_for(fixture.pid(), 8, &path, &[]);
     let t = Instant::now();
     let peak_kb = run_measuring_rss(probe);
     let took = t.elapsed();
