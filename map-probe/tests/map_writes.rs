@@ -176,8 +176,10 @@ fn fatal_crash_thrower_is_caught_at_default_budget() {
 }
 
 /// Two unlocked writers that only sometimes overlap are flagged within 20 s
-/// with the default budget (seen: after 1-6 s). Go's own check may kill the
-/// program first now and then; then it is run again, up to three times.
+/// with the default budget (seen: after 0.03-14 s). Go's own check may kill the
+/// program first (seen: after 0.8-30 s, once before map-probe had attached);
+/// then it is run again, up to five times. Of the runs map-probe watched to
+/// their end without a kill, one may go unflagged, not two.
 #[test]
 fn racy_writes_are_flagged() {
     require_root();
@@ -185,7 +187,8 @@ fn racy_writes_are_flagged() {
     for go in TOOLCHAINS {
         let bin = go_fixture("mapracy", go, Variant::Plain);
         let mut flagged = None;
-        for attempt in 0..3 {
+        let (mut killed_by_go, mut missed) = (0, 0);
+        for attempt in 0..5 {
             let mut fixture = Child::spawn(&bin, &["-duration", "25s"]);
             fixture.wait_for_line("ready pid=", Duration::from_secs(10));
             let out_json = tmp(&format!("mapracy-{go:?}-{attempt}.json"));
@@ -198,23 +201,37 @@ fn racy_writes_are_flagged() {
                 "--json",
                 out_json.to_str().unwrap(),
             ]);
-            assert!(
-                matches!(out.status.code(), Some(0) | Some(3)),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.code() == Some(1) && stderr.contains("exited before map-probe attached") {
+                fixture.wait();
+                let died = fixture.output_so_far();
+                assert!(
+                    died.iter().any(|l| l.contains("concurrent map writes")),
+                    "{go:?}: the fixture exited early, not by Go's map check: {died:?}"
+                );
+                killed_by_go += 1;
+                continue;
+            }
+            assert!(matches!(out.status.code(), Some(0) | Some(3)), "{stderr}");
             let r = json(&out_json);
             if let Some(o) = risks(&r, "overlap").first() {
                 flagged = Some((*o).clone());
                 break;
             }
-            assert!(
-                !risks(&r, "fatal").is_empty() || attempt < 2,
-                "{go:?}: nothing flagged in 20 s: {}",
-                r["sampling"]
-            );
+            if risks(&r, "fatal").is_empty() {
+                missed += 1;
+                assert!(
+                    missed < 2,
+                    "{go:?}: nothing flagged in 20 s twice: {}",
+                    r["sampling"]
+                );
+            } else {
+                killed_by_go += 1;
+            }
         }
-        let o = flagged.unwrap_or_else(|| panic!("{go:?}: no overlap flagged in three runs"));
+        let o = flagged.unwrap_or_else(|| {
+            panic!("{go:?}: no overlap flagged in five runs ({killed_by_go} ended by Go's check)")
+        });
         eprintln!(
             "{go:?}: overlap flagged after {:.1} s (x{})",
             o["first_seen_secs"], o["count"]
