@@ -21,6 +21,19 @@ pub const COOKIE_AT_CALL: u64 = 1 << 35;
 /// with its own duty), so that each tier's governor sees its own hits.
 pub const COOKIE_TIER_SHIFT: u32 = 36;
 pub const LOCK_TIERS: usize = 8;
+/// On a per-site entry: the instruction after its CALL is where the inlined
+/// fast path continues too, so the wait ends at the callee's RETs instead.
+pub const COOKIE_ENDS_AT_CALLEE: u64 = 1 << 39;
+/// On an end: a callee's RET, shared by every site that calls it; it ends
+/// only the waits whose entry had `COOKIE_ENDS_AT_CALLEE`, and other sites'
+/// waits are left to their own end probes.
+pub const COOKIE_CALLEE_RET: u64 = 1 << 40;
+/// With `COOKIE_ENDS_AT_CALLEE`, bits 41-63 of the entry's cookie: the
+/// catalog index of the point whose RETs end its wait.
+pub const COOKIE_END_POINT_SHIFT: u32 = 41;
+/// In `Inflight::tier`, above the tier: the wait ends at a callee's RET,
+/// the one whose point index is in bits 32-63.
+pub const INFLIGHT_ENDS_AT_CALLEE: u64 = 1 << 8;
 
 /// The counter of a lock tier's entry (or end) hits.
 pub const fn tier_stat(tier: usize, end: bool) -> u32 {
@@ -264,7 +277,8 @@ pub const MAX_LOCKS: u32 = 65536;
 pub struct Inflight {
     pub start_ns: u64,
     pub key: SiteKey,
-    /// The tier of the point the wait began at.
+    /// The tier of the point the wait began at, and
+    /// `INFLIGHT_ENDS_AT_CALLEE`.
     pub tier: u64,
 }
 

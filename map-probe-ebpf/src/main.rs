@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_AT_CALL, COOKIE_RET, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
+    COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, INFLIGHT_ENDS_AT_CALLEE, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
     MAX_ADDRS, MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
 };
@@ -62,7 +62,7 @@ static SITE_LOCKS: LruHashMap<LockKey, u64> = LruHashMap::with_max_entries(MAX_L
 /// CALL may also be where the fast path continues): what sorting the points
 /// into tiers by cost needs.
 #[map]
-static POINT_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POINTS, 0);
+static POINT_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_POINTS, 0);
 
 #[map]
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(MAX_INFLIGHT, 0);
@@ -190,15 +190,23 @@ fn lock_wait_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<
     let g = regs.r14;
     let now = unsafe { bpf_ktime_get_ns() };
     let tier = ((cookie >> COOKIE_TIER_SHIFT) as usize) & (LOCK_TIERS - 1);
-    if let Some(n) = POINT_HITS.get_ptr_mut(cookie as u32) {
+    // Entries at the point's index, ends MAX_POINTS above: a windowed
+    // tier plants its ends in fewer windows than its entries.
+    let end_slot = if cookie & COOKIE_RET != 0 { MAX_POINTS } else { 0 };
+    if let Some(n) = POINT_HITS.get_ptr_mut((cookie as u32).wrapping_add(end_slot)) {
         unsafe { *n += 1 };
     }
     if cookie & COOKIE_RET != 0 {
         bump(tier_stat(tier, true));
         // Most sync.Map calls end without the event their entry looked for,
-        // and the instruction after a CALL of lockSlow may be where the
-        // inlined fast path continues too.
-        wait_ended(g, now, cookie & (COOKIE_SYNCMAP | COOKIE_AT_CALL) == 0);
+        // and a callee's RET also returns from waits other sites time.
+        wait_ended(
+            g,
+            now,
+            tier,
+            (cookie & COOKIE_CALLEE_RET != 0).then_some(cookie as u32),
+            cookie & (COOKIE_SYNCMAP | COOKIE_AT_CALL | COOKIE_CALLEE_RET) == 0,
+        );
         return 0;
     }
     bump(tier_stat(tier, false));
@@ -282,7 +290,12 @@ fn wait_started(ctx: &ProbeContext, cookie: u64, sp: u64, g: u64, sema: u64, now
     let inf = Inflight {
         start_ns: now,
         key,
-        tier: (cookie >> COOKIE_TIER_SHIFT) & (LOCK_TIERS as u64 - 1),
+        tier: (cookie >> COOKIE_TIER_SHIFT) & (LOCK_TIERS as u64 - 1)
+            | if cookie & COOKIE_ENDS_AT_CALLEE != 0 {
+                INFLIGHT_ENDS_AT_CALLEE | (cookie >> COOKIE_END_POINT_SHIFT) << 32
+            } else {
+                0
+            },
     };
     if INFLIGHT.insert(&g, &inf, 0).is_err() {
         bump(stat::INFLIGHT_FULL);
@@ -370,17 +383,25 @@ fn hist_add(key: &SiteKey, dt: u64) {
 }
 
 #[inline(always)]
-fn wait_ended(g: u64, now: u64, count_unmatched: bool) {
+/// `end_tier` is the tier of the end probe that fired: the wait is timed
+/// only if that probe was in since the wait began (for a site's own end,
+/// the entry's tier; for a callee's RET, its own). `callee_ret` is the
+/// point index of a callee's RET: it ends only the waits that named it.
+fn wait_ended(g: u64, now: u64, end_tier: usize, callee_ret: Option<u32>, count_unmatched: bool) {
     let Some(inf) = (unsafe { INFLIGHT.get(&g) }).copied() else {
         if count_unmatched {
             bump(stat::RET_UNMATCHED);
         }
         return;
     };
+    let named = (inf.tier & INFLIGHT_ENDS_AT_CALLEE != 0).then_some((inf.tier >> 32) as u32);
+    if named != callee_ret {
+        return;
+    }
     let _ = INFLIGHT.remove(&g);
     let since = CONTROL.get(0).map_or(0, |c| {
         c.lock_since_ns
-            .get(inf.tier as usize & (LOCK_TIERS - 1))
+            .get(end_tier & (LOCK_TIERS - 1))
             .copied()
             .unwrap_or(0)
     });

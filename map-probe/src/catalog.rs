@@ -328,11 +328,15 @@ pub struct Point {
     pub symbol: &'static str,
     pub kind: Kind,
     /// File offsets for attaching: the entry (after the stack check) and every RET.
-    pub entry_offset: u64,
+    /// A callee's RETs that end other points' waits have no entry.
+    pub entry_offset: Option<u64>,
     pub ret_offsets: Vec<u64>,
     /// For a per-site point, the CALL's address (link-time): the probe sits
     /// mid-function, where `*(rsp)` is no return address.
     pub call: Option<u64>,
+    /// For a per-site point whose CALL returns where the fast path
+    /// continues too: the index of the point whose RETs end its waits.
+    pub ends_at: Option<usize>,
 }
 
 /// Per-site points for every CALL to a `SITE_TARGETS` function in the
@@ -352,6 +356,7 @@ pub fn site_points(bin: &GoBinary) -> Vec<Point> {
         .collect();
     let addrs: Vec<u64> = targets.iter().map(|t| t.0).collect();
     let mut points = Vec::new();
+    let mut joined: Vec<(u64, usize)> = Vec::new();
     for (_, c) in bin.calls_to(&addrs, &skip) {
         let Some(t) = targets.iter().find(|t| t.0 == c.target).map(|t| t.1) else {
             continue;
@@ -359,18 +364,59 @@ pub fn site_points(bin: &GoBinary) -> Vec<Point> {
         let (Some(entry), Some(next)) = (bin.file_offset(c.call), bin.file_offset(c.next)) else {
             continue;
         };
-        if points.len() >= map_probe_common::MAX_POINTS as usize - 8 {
+        if points.len() >= map_probe_common::MAX_POINTS as usize - 16 {
             return Vec::new();
+        }
+        // Where the fast path continues at the instruction after the CALL
+        // (an inlined RLock always, an inlined Lock often), a probe there
+        // would trap on every Lock, inside the critical section of the
+        // lock just taken: such a site's waits end at its callee's RETs.
+        if c.joined {
+            joined.push((c.target, points.len()));
         }
         points.push(Point {
             symbol: t.symbol,
             kind: t.kind,
-            entry_offset: entry,
-            // Where the fast path continues at the same instruction, the
-            // end probe traps on every Lock; its point's hits say so, and
-            // the tiers charge it.
-            ret_offsets: vec![next],
+            entry_offset: Some(entry),
+            ret_offsets: if c.joined { Vec::new() } else { vec![next] },
             call: Some(c.call),
+            ends_at: None,
+        });
+    }
+    let mut callees: Vec<u64> = joined.iter().map(|j| j.0).collect();
+    callees.sort_unstable();
+    callees.dedup();
+    for callee in callees {
+        let Some((t, func)) = targets
+            .iter()
+            .find(|t| t.0 == callee)
+            .and_then(|t| Some((t.1, bin.func_by_name(t.1.symbol)?)))
+        else {
+            continue;
+        };
+        // Without its RETs the joined sites are counted, only not timed.
+        let Ok(pp) = bin.probe_points(&func) else {
+            continue;
+        };
+        let Some(rets) = pp
+            .rets
+            .iter()
+            .map(|&r| bin.file_offset(r))
+            .collect::<Option<Vec<u64>>>()
+        else {
+            continue;
+        };
+        let at = points.len();
+        for &(_, i) in joined.iter().filter(|j| j.0 == callee) {
+            points[i].ends_at = Some(at);
+        }
+        points.push(Point {
+            symbol: t.symbol,
+            kind: t.kind,
+            entry_offset: None,
+            ret_offsets: rets,
+            call: None,
+            ends_at: None,
         });
     }
     points
@@ -425,9 +471,10 @@ pub fn plan(bin: &GoBinary, purpose: Purpose) -> anyhow::Result<Plan> {
         points.push(Point {
             symbol: row.symbol,
             kind: row.kind,
-            entry_offset: off(pp.after_check)?,
+            entry_offset: Some(off(pp.after_check)?),
             ret_offsets: rets.iter().map(|&r| off(r)).collect::<Result<_, _>>()?,
             call: None,
+            ends_at: None,
         });
     }
     Ok(Plan {

@@ -109,20 +109,18 @@ impl Governor {
         Decision::Detach
     }
 
-    /// A new budget (a tier re-sort moved points). A windowed tier's windows
-    /// cost at most a second's worth of its budget, so that a low duty is
-    /// many short windows spread over the run rather than one long one.
-    pub fn set_budget(&mut self, budget: f64, spread: bool) {
+    /// A new budget (a lock tier's share). Its windows cost at most a
+    /// second's worth of it, so that a low duty is many short windows spread
+    /// over the run rather than one long one, and a point that heats up
+    /// while in is soon out.
+    pub fn set_budget(&mut self, budget: f64) {
         if self.cfg.budget.is_none() {
             return;
         }
         // An empty tier's budget is 0; a floor keeps the arithmetic finite.
         let budget = budget.max(1e-7);
         self.cfg.budget = Some(budget);
-        if spread {
-            self.cfg.max_window_cost =
-                Duration::from_secs_f64(budget).max(Duration::from_micros(500));
-        }
+        self.cfg.max_window_cost = Duration::from_secs_f64(budget).max(Duration::from_micros(500));
     }
 
     /// The set's points changed (a tier re-sort): judge it afresh with a

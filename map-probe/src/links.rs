@@ -211,7 +211,9 @@ unsafe fn send(sock: RawFd, err: i32, fd: RawFd) {
         (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
         *(libc::CMSG_DATA(c) as *mut i32) = fd;
     }
-    libc::sendmsg(sock, &msg, 0);
+    // A parent that died has closed its end: no SIGPIPE for us, which
+    // would be a fatal signal pending while our copy of the link closes.
+    libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
 }
 
 fn recv(sock: RawFd) -> io::Result<(i32, Option<OwnedFd>)> {

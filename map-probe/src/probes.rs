@@ -1,11 +1,11 @@
-//! Loading the eBPF object and opening and closing probe windows. Each
-//! purpose (lock waits, map writes, fatal errors) has two uprobe_multi links,
-//! one for its entry points and one for its RETs, told apart in the kernel by
-//! their cookies. The kernel plants a link's uprobes one after the other, so
-//! a map-write window opens RETs first and every window closes entries
-//! first: every write whose entry a window sees, it also sees return, unless
-//! the call outlives the window. Lock windows open entries first (see
-//! `attach`).
+//! Loading the eBPF object and opening and closing probe windows. A
+//! map-write window has two uprobe_multi links, one for its entry points and
+//! one for its RETs, told apart in the kernel by their cookies; it opens
+//! RETs first and closes entries first: every write whose entry a window
+//! sees, it also sees return, unless the call outlives the window. A lock
+//! window is one link, entries before ends in it, since the kernel plants
+//! and removes a link's uprobes one after the other in the order given
+//! (see `attach`).
 
 use std::{
     num::NonZeroU32,
@@ -26,8 +26,8 @@ use aya::{
 };
 use map_probe_common::{
     stat, Control, Counters, CrashStack, Fatal, LockKey, OverlapKey, OverlapVal, SiteKey,
-    SiteStats, WaitHist, WriteKey, Writer, COOKIE_AT_CALL, COOKIE_RET, COOKIE_TIER_SHIFT,
-    LOCK_TIERS,
+    SiteStats, WaitHist, WriteKey, Writer, COOKIE_AT_CALL, COOKIE_CALLEE_RET,
+    COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, COOKIE_TIER_SHIFT, LOCK_TIERS,
 };
 
 use crate::{
@@ -67,7 +67,8 @@ impl From<Purpose> for Slot {
 /// A lock-wait point's uprobes, whichever tier holds it.
 #[derive(Clone)]
 struct Member {
-    entry: u64,
+    /// None for a callee's RETs that end other points' waits.
+    entry: Option<u64>,
     rets: Vec<u64>,
     cookie: u64,
 }
@@ -80,6 +81,19 @@ struct Set {
     rets: Vec<(u64, u64)>,
     entry_link: Option<Handle>,
     ret_link: Option<Handle>,
+    /// The RET link's time in: since it was planted, and before.
+    ends_since: Option<Instant>,
+    ends_time: Duration,
+}
+
+impl Set {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.rets.is_empty()
+    }
+
+    fn is_linked(&self) -> bool {
+        self.entry_link.is_some() || self.ret_link.is_some()
+    }
 }
 
 /// An attached link: made by a child (uprobe_multi; see `links`), or one
@@ -270,7 +284,15 @@ impl Probes {
                     rets: p.ret_offsets.clone(),
                     cookie: i as u64
                         | catalog::cookie_flags(p.kind)
-                        | if p.call.is_some() { COOKIE_AT_CALL } else { 0 },
+                        | if p.call.is_some() { COOKIE_AT_CALL } else { 0 }
+                        | p.ends_at.map_or(0, |e| {
+                            COOKIE_ENDS_AT_CALLEE | (e as u64) << COOKIE_END_POINT_SHIFT
+                        })
+                        | if p.entry_offset.is_none() {
+                            COOKIE_CALLEE_RET
+                        } else {
+                            0
+                        },
                 })
                 .collect();
             let everything = vec![0u8; members.len()];
@@ -288,6 +310,8 @@ impl Probes {
                     rets,
                     entry_link: None,
                     ret_link: None,
+                    ends_since: None,
+                    ends_time: Duration::ZERO,
                 });
             }
             if plan.purpose == Purpose::LockWait {
@@ -332,11 +356,12 @@ impl Probes {
             else {
                 continue;
             };
-            if set.entries == entries {
+            if set.entries == entries && set.rets == rets {
                 continue;
             }
             changed[tier as usize] = true;
-            let was_attached = set.entry_link.is_some();
+            let was_attached = set.is_linked();
+            let had_ends = set.ends_since.is_some() || set.entry_link.is_none();
             if was_attached {
                 self.detach(slot)?;
             }
@@ -348,7 +373,7 @@ impl Probes {
             set.entries = entries;
             set.rets = rets;
             if was_attached {
-                self.attach(slot)?;
+                self.attach_with(slot, had_ends)?;
             }
         }
         self.tiers = tiers.to_vec();
@@ -358,24 +383,30 @@ impl Probes {
     fn set(&mut self, slot: Slot) -> Option<&mut Set> {
         self.sets
             .iter_mut()
-            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
+            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.is_empty())
     }
 
     pub fn has(&self, slot: impl Into<Slot>) -> bool {
         let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.entries.is_empty())
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && !s.is_empty())
     }
 
     pub fn attached(&self, slot: impl Into<Slot>) -> bool {
         let slot = slot.into();
         self.sets
             .iter()
-            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && s.entry_link.is_some())
+            .any(|s| s.purpose == slot.purpose && s.tier == slot.tier && s.is_linked())
     }
 
     pub fn attach(&mut self, slot: impl Into<Slot>) -> Result<Duration> {
+        self.attach_with(slot, true)
+    }
+
+    /// Opens a window; a lock window without `ends` plants only its entries:
+    /// it counts waits but times none (see `session::ENDS_EVERY`).
+    pub fn attach_with(&mut self, slot: impl Into<Slot>, ends: bool) -> Result<Duration> {
         let slot = slot.into();
         let purpose = slot.purpose;
         let t = Instant::now();
@@ -407,21 +438,48 @@ impl Probes {
         // found. A wait entered before its end probe is live is counted,
         // only not timed.
         let rets_first = purpose != Purpose::LockWait;
+        // uprobe_multi plants a link's points in the order given and takes
+        // them out in the same order, so a lock window's entries-then-ends
+        // fit one link, which pays the kernel's cost of a link once (5-10 ms
+        // here under load, while what is planted already traps) and is
+        // removed by its closer child without waiting here. Map writes need
+        // the other order on the way in only: in one link, their entries
+        // outlived the RETs on the way out, 2,700-3,700 hits a window at
+        // ~130k writes/s against 1,000-2,100 with two links.
+        if self.mode == UprobeMode::Multi && !rets_first {
+            let ends = ends && !rets.is_empty();
+            let mut all = Vec::with_capacity(entries.len() + rets.len());
+            all.extend_from_slice(&entries);
+            all.extend(rets.iter().copied().filter(|_| ends));
+            if all.is_empty() {
+                return Ok(t.elapsed());
+            }
+            let link = attach_points(&mut self.ebpf, self.mode, purpose, &all, &target, pid)?;
+            if let Some(set) = self.set(slot) {
+                set.entry_link = Some(link);
+                set.ends_since = ends.then(Instant::now);
+            }
+            return Ok(t.elapsed());
+        }
         if rets_first {
             self.attach_rets(slot, &rets)?;
         }
-        let entry_link = attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
-        let entry_link = match entry_link {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = self.detach(slot);
-                return Err(e);
+        // A tier may hold only a callee's RETs.
+        if !entries.is_empty() {
+            let entry_link =
+                attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
+            let entry_link = match entry_link {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = self.detach(slot);
+                    return Err(e);
+                }
+            };
+            if let Some(set) = self.set(slot) {
+                set.entry_link = Some(entry_link);
             }
-        };
-        if let Some(set) = self.set(slot) {
-            set.entry_link = Some(entry_link);
         }
-        if !rets_first {
+        if !rets_first && ends {
             if let Err(e) = self.attach_rets(slot, &rets) {
                 let _ = self.detach(slot);
                 return Err(e);
@@ -439,6 +497,7 @@ impl Probes {
         let l = attach_points(&mut self.ebpf, self.mode, slot.purpose, rets, &target, pid)?;
         if let Some(set) = self.set(slot) {
             set.ret_link = Some(l);
+            set.ends_since = Some(Instant::now());
         }
         Ok(())
     }
@@ -457,6 +516,9 @@ impl Probes {
             return Ok(t.elapsed());
         };
         let (entry, ret) = (set.entry_link.take(), set.ret_link.take());
+        if let Some(since) = set.ends_since.take() {
+            set.ends_time += t.saturating_duration_since(since);
+        }
         let offsets: Vec<u64> = set.entries.iter().map(|&(o, _)| o).collect();
         let (mode, ebpf) = (self.mode, &mut self.ebpf);
         if let Some(h) = entry {
@@ -464,7 +526,11 @@ impl Probes {
         }
         // A child-made link's breakpoints leave while its child waits out
         // the grace period; the RETs may go once they are seen gone.
-        if let Some(text) = text::Text::of(self.pid.get(), &self.target) {
+        if let Some(text) = ret
+            .is_some()
+            .then(|| text::Text::of(self.pid.get(), &self.target))
+            .flatten()
+        {
             let deadline = Instant::now() + Duration::from_millis(200);
             while text.any_planted(&offsets).unwrap_or(false) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_micros(100));
@@ -530,17 +596,28 @@ impl Probes {
     }
 
     /// Hits per lock-wait point (entries and ends), summed over CPUs.
-    pub fn point_hits(&self) -> Result<Vec<u64>> {
+    pub fn point_hits(&self) -> Result<(Vec<u64>, Vec<u64>)> {
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.map("POINT_HITS")?)?;
-        let n = self
-            .lock_points
-            .len()
-            .min(map_probe_common::MAX_POINTS as usize);
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n as u32 {
-            out.push(arr.get(&i, 0).map_or(0, |v| v.iter().sum()));
-        }
-        Ok(out)
+        let max = map_probe_common::MAX_POINTS;
+        let n = self.lock_points.len().min(max as usize) as u32;
+        let read = |i: u32| arr.get(&i, 0).map_or(0, |v| v.iter().sum());
+        Ok((
+            (0..n).map(read).collect(),
+            (0..n).map(|i| read(i + max)).collect(),
+        ))
+    }
+
+    /// How long `slot`'s end probes were in so far.
+    pub fn ends_attached(&self, slot: impl Into<Slot>, now: Instant) -> Duration {
+        let slot = slot.into();
+        self.sets
+            .iter()
+            .find(|s| s.purpose == slot.purpose && s.tier == slot.tier)
+            .map_or(Duration::ZERO, |s| {
+                s.ends_time
+                    + s.ends_since
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+            })
     }
 
     /// Every site's wait-time histogram.
@@ -734,7 +811,7 @@ fn tier_points(members: &[Member], tiers: &[u8], tier: u8) -> (Points, Points) {
     let mut rets = Vec::new();
     for (m, _) in members.iter().zip(tiers).filter(|(_, t)| **t == tier) {
         let cookie = m.cookie | u64::from(tier) << COOKIE_TIER_SHIFT;
-        entries.push((m.entry, cookie));
+        entries.extend(m.entry.map(|e| (e, cookie)));
         rets.extend(m.rets.iter().map(|&r| (r, cookie | COOKIE_RET)));
     }
     (entries, rets)

@@ -236,6 +236,8 @@ pub fn build_sites(
         /// shared semaphore function's.
         at_call: bool,
         shared: bool,
+        /// Whether any of its waits ended at a callee's RETs.
+        ends_at_callee: bool,
         probes: Vec<&'static str>,
         /// Index into `uniq` -> waits through that stack.
         stacks: HashMap<usize, u64>,
@@ -304,6 +306,7 @@ pub fn build_sites(
             est_rebuild_ns: 0.0,
             at_call: false,
             shared: false,
+            ends_at_callee: false,
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
@@ -342,6 +345,7 @@ pub fn build_sites(
         } else {
             acc.shared = true;
         }
+        acc.ends_at_callee |= point.ends_at.is_some();
         if !acc.probes.contains(&point.symbol) {
             acc.probes.push(point.symbol);
         }
@@ -416,6 +420,14 @@ pub fn build_sites(
                     (true, false) => "call-site",
                     (false, true) => "shared",
                     _ => "both",
+                }
+                .into(),
+                timed_at: if !a.at_call {
+                    "return"
+                } else if a.ends_at_callee {
+                    "callee-return"
+                } else {
+                    "after-call"
                 }
                 .into(),
                 wait: Wait {

@@ -18,28 +18,64 @@ use map_probe_common::LOCK_TIERS;
 pub const REBALANCE_EVERY: Duration = Duration::from_secs(2);
 /// ... and no sooner than this after the last, even when the steady tier
 /// had to close (a hot point in it spent its budget).
-pub const REBALANCE_MIN: Duration = Duration::from_millis(250);
+pub const REBALANCE_MIN: Duration = Duration::from_millis(100);
 /// A point's rate is re-measured once it was observed this long, or saw
 /// this many hits.
 const MIN_OBSERVED: Duration = Duration::from_millis(100);
 const MIN_HITS: u64 = 50;
 
-/// One point's tier and the time its probes were in, across tier moves.
+/// A point's probes' time in, across tier moves: its entries' (every
+/// window of its tier) or its ends' (one window in `ENDS_EVERY` of a
+/// windowed tier).
+#[derive(Clone, Debug, Default)]
+struct Observed {
+    /// Time banked from tiers the point has left.
+    banked: Duration,
+    /// Its tier's time when it joined.
+    joined: Duration,
+    /// Hits and time at the last rate measurement, and the rate then.
+    hits0: u64,
+    at0: Duration,
+    rate: f64,
+}
+
+impl Observed {
+    fn now(&self, tier_time: Duration) -> Duration {
+        self.banked + tier_time.saturating_sub(self.joined)
+    }
+
+    /// Re-measures the rate from `hits` (running) once enough was seen.
+    fn measure(&mut self, hits: u64, tier_time: Duration) {
+        let observed = self.now(tier_time);
+        let dt = observed.saturating_sub(self.at0);
+        let n = hits.saturating_sub(self.hits0);
+        // A rate from a few ms or a handful of hits is noise that would
+        // move points back and forth: keep the last one until more is seen.
+        if dt >= MIN_OBSERVED || (n >= MIN_HITS && dt >= Duration::from_millis(10)) {
+            self.rate = n as f64 / dt.as_secs_f64();
+            self.hits0 = hits;
+            self.at0 = observed;
+        }
+    }
+
+    fn moved(&mut self, from: Duration, to: Duration) {
+        self.banked += from.saturating_sub(self.joined);
+        self.joined = to;
+    }
+}
+
+/// One point's tier and its probes' time in.
 #[derive(Clone, Debug, Default)]
 struct PointTime {
     tier: u8,
-    /// Observed time banked from tiers the point has left.
-    banked: Duration,
-    /// Its tier's attached time when it joined.
-    joined: Duration,
-    /// Hits and observed time at the last re-sort, and the rate then.
-    hits0: u64,
-    observed0: Duration,
-    rate: f64,
+    entries: Observed,
+    ends: Observed,
 }
 
 pub struct Tiers {
     points: Vec<PointTime>,
+    /// Per point, the callee-RET point that ends its waits, if any.
+    ends_at: Vec<Option<usize>>,
     pub next_rebalance: Instant,
 }
 
@@ -51,11 +87,22 @@ pub struct Assignment {
     pub budgets: [f64; LOCK_TIERS],
 }
 
+/// Each tier's time in so far: its entries' and its ends'.
+pub struct TierTime {
+    pub entries: Vec<Duration>,
+    pub ends: Vec<Duration>,
+}
+
+fn at(times: &[Duration], tier: u8) -> Duration {
+    times.get(usize::from(tier)).copied().unwrap_or_default()
+}
+
 impl Tiers {
     /// Every point starts steady: the first short window measures them all.
-    pub fn new(n: usize, now: Instant) -> Tiers {
+    pub fn new(ends_at: Vec<Option<usize>>, now: Instant) -> Tiers {
         Tiers {
-            points: vec![PointTime::default(); n],
+            points: vec![PointTime::default(); ends_at.len()],
+            ends_at,
             next_rebalance: now + Duration::from_millis(100),
         }
     }
@@ -64,14 +111,10 @@ impl Tiers {
         self.points.iter().map(|p| p.tier).collect()
     }
 
-    /// How long point `i`'s probes were in, given each tier's attached time now.
+    /// How long point `i`'s entry probes were in, given each tier's time now.
     pub fn observed(&self, i: usize, tier_attached: &[Duration]) -> Duration {
         let p = &self.points[i];
-        let now = tier_attached
-            .get(usize::from(p.tier))
-            .copied()
-            .unwrap_or_default();
-        p.banked + now.saturating_sub(p.joined)
+        p.entries.now(at(tier_attached, p.tier))
     }
 
     pub fn all_observed(&self, tier_attached: &[Duration]) -> Vec<Duration> {
@@ -81,60 +124,80 @@ impl Tiers {
     }
 
     /// Re-sorts the points by rate (hits per second observed since the last
-    /// re-sort; `hits[i]` is point i's running raw hit count, entries and
-    /// ends). `budget` is what all lock points may cost (a share of one
-    /// CPU), `hit_cost` what one hit costs. None when nothing changed.
+    /// re-sort; `hits.0[i]` and `hits.1[i]` are point i's running raw entry
+    /// and end hits, each over the time its kind of probe was in). `budget`
+    /// is what all lock points may cost (a share of one CPU), `hit_cost`
+    /// what one hit costs. None when nothing changed.
     pub fn rebalance(
         &mut self,
-        hits: &[u64],
-        tier_attached: &[Duration],
+        hits: (&[u64], &[u64]),
+        time: &TierTime,
         budget: f64,
         hit_cost: Duration,
     ) -> Option<Assignment> {
-        for (i, h) in hits.iter().enumerate().take(self.points.len()) {
-            let observed = self.observed(i, tier_attached);
-            let p = &mut self.points[i];
-            let dt = observed.saturating_sub(p.observed0);
-            let n = h.saturating_sub(p.hits0);
-            // A rate from a few ms or a handful of hits is noise that would
-            // move points back and forth: keep the last one until more is seen.
-            if dt >= MIN_OBSERVED || (n >= MIN_HITS && dt >= Duration::from_millis(10)) {
-                p.rate = n as f64 / dt.as_secs_f64();
-                p.hits0 = *h;
-                p.observed0 = observed;
-            }
+        for (i, p) in self.points.iter_mut().enumerate() {
+            let (entries, ends) = (
+                hits.0.get(i).copied().unwrap_or(0),
+                hits.1.get(i).copied().unwrap_or(0),
+            );
+            p.entries.measure(entries, at(&time.entries, p.tier));
+            p.ends.measure(ends, at(&time.ends, p.tier));
         }
-        let cost: Vec<f64> = self
+        // Charged as if every window planted the ends: a point moved to the
+        // steady tier does.
+        let mut cost: Vec<f64> = self
             .points
             .iter()
-            .map(|p| p.rate * hit_cost.as_secs_f64())
+            .map(|p| (p.entries.rate + p.ends.rate) * hit_cost.as_secs_f64())
             .collect();
+        // A callee's RETs end its sites' waits only while both are in: it
+        // goes with the site that waits most among those it serves, and that
+        // site pays for it (every return of the callee traps, whoever called).
+        let owners = self.owners();
+        for &(callee, owner) in &owners {
+            cost[owner] += cost[callee];
+            cost[callee] = 0.0;
+        }
         log::debug!(
             "point rates: {:?}",
             self.points
                 .iter()
-                .map(|p| p.rate.round())
+                .map(|p| (p.entries.rate + p.ends.rate).round())
                 .collect::<Vec<_>>()
         );
-        let a = assign(&cost, budget);
+        let mut a = assign(&cost, budget);
+        for &(callee, owner) in &owners {
+            a.tiers[callee] = a.tiers[owner];
+        }
         if a.tiers == self.tiers() {
             return None;
         }
         for (i, &t) in a.tiers.iter().enumerate() {
             let p = &mut self.points[i];
             if p.tier != t {
-                let at = |tier: u8| {
-                    tier_attached
-                        .get(usize::from(tier))
-                        .copied()
-                        .unwrap_or_default()
-                };
-                p.banked += at(p.tier).saturating_sub(p.joined);
-                p.joined = at(t);
+                p.entries
+                    .moved(at(&time.entries, p.tier), at(&time.entries, t));
+                p.ends.moved(at(&time.ends, p.tier), at(&time.ends, t));
                 p.tier = t;
             }
         }
         Some(a)
+    }
+
+    /// (callee point, the site it goes with) for every callee serving a site.
+    fn owners(&self) -> Vec<(usize, usize)> {
+        let mut best: std::collections::HashMap<usize, usize> = Default::default();
+        for (i, e) in self.ends_at.iter().enumerate() {
+            let Some(c) = *e else { continue };
+            if c >= self.points.len() {
+                continue;
+            }
+            let o = best.entry(c).or_insert(i);
+            if self.points[i].entries.rate > self.points[*o].entries.rate {
+                *o = i;
+            }
+        }
+        best.into_iter().collect()
     }
 }
 
@@ -201,14 +264,18 @@ mod tests {
     #[test]
     fn moving_a_point_banks_its_observed_time() {
         let now = Instant::now();
-        let mut t = Tiers::new(3, now);
+        let mut t = Tiers::new(vec![None; 3], now);
         let attached = [Duration::from_secs(1); LOCK_TIERS];
         let mut first = attached;
         first[1..].iter_mut().for_each(|d| *d = Duration::ZERO);
+        let time = |t: &[Duration]| TierTime {
+            entries: t.to_vec(),
+            ends: t.to_vec(),
+        };
         let a = t
             .rebalance(
-                &[10, 100, 100_000],
-                &first,
+                (&[10, 100, 100_000], &[0, 0, 0]),
+                &time(&first),
                 0.0025,
                 Duration::from_micros(20),
             )
@@ -223,12 +290,58 @@ mod tests {
         assert_eq!(t.observed(0, &later), Duration::from_secs(3));
         assert_eq!(
             t.rebalance(
-                &[30, 300, 120_000],
-                &later,
+                (&[30, 300, 120_000], &[0, 0, 0]),
+                &time(&later),
                 0.0025,
                 Duration::from_micros(20)
             ),
             None
         );
+    }
+
+    #[test]
+    fn end_hits_count_over_the_time_the_ends_were_in() {
+        let now = Instant::now();
+        let mut t = Tiers::new(vec![None; 2], now);
+        // One second in, the ends were in for a tenth of it: 1,000 end hits
+        // are 10,000 a second, which the budget cannot keep steady.
+        let time = TierTime {
+            entries: vec![Duration::from_secs(1); LOCK_TIERS],
+            ends: vec![Duration::from_millis(100); LOCK_TIERS],
+        };
+        let a = t
+            .rebalance(
+                (&[0, 1], &[1_000, 1]),
+                &time,
+                0.0025,
+                Duration::from_micros(20),
+            )
+            .unwrap();
+        assert!(a.tiers[0] >= 1, "{a:?}");
+        assert_eq!(a.tiers[1], 0, "{a:?}");
+    }
+
+    #[test]
+    fn a_callee_goes_with_the_site_it_ends_and_is_charged_to_it() {
+        let now = Instant::now();
+        // Point 0 and 1 end at callee 2; point 1 waits more. The callee's
+        // RETs fire 10,000 times a second, for every caller.
+        let mut t = Tiers::new(vec![Some(2), Some(2), None, None], now);
+        let time = TierTime {
+            entries: vec![Duration::from_secs(1); LOCK_TIERS],
+            ends: vec![Duration::from_secs(1); LOCK_TIERS],
+        };
+        let a = t
+            .rebalance(
+                (&[1, 5, 0, 1], &[0, 0, 10_000, 1]),
+                &time,
+                0.0025,
+                Duration::from_micros(20),
+            )
+            .unwrap();
+        assert!(a.tiers[1] >= 1, "the busier site pays: {a:?}");
+        assert_eq!(a.tiers[2], a.tiers[1], "{a:?}");
+        assert_eq!(a.tiers[0], 0, "{a:?}");
+        assert_eq!(a.tiers[3], 0, "{a:?}");
     }
 }

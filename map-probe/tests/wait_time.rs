@@ -158,6 +158,14 @@ fn sites_name_their_lock() {
                 );
             }
             assert_eq!(site(&r, "main.readConfig")["kind"], "rwmutex-read");
+            // An inlined RLock continues after its CALL of the semaphore
+            // whether it waited or not: its waits are timed at the callee's
+            // RETs, and the histogram above shows they were.
+            assert_eq!(
+                site(&r, "main.readConfig")["timed_at"],
+                "callee-return",
+                "{what}"
+            );
             assert_eq!(site(&r, "main.writeConfig")["kind"], "rwmutex-write");
             // Reader and writer wait on one RWMutex; the others are distinct.
             assert_eq!(addrs[2], addrs[3], "{what}: {addrs:?}");

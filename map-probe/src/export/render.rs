@@ -287,6 +287,7 @@ mod tests {
             observed_share: 1.0,
             count_error: 0.0,
             measured: "call-site".into(),
+            timed_at: "after-call".into(),
             wait: Wait {
                 timed: count,
                 total_ns: count * 1000,

@@ -124,6 +124,10 @@ pub struct CallSite {
     pub call: u64,
     pub next: u64,
     pub target: u64,
+    /// A branch in the function jumps to `next` as well: code after the
+    /// CALL also runs when the CALL did not (an inlined fast path that
+    /// continues there), so a probe on `next` is no end of the call alone.
+    pub joined: bool,
 }
 
 /// Every `CALL rel32` in one function's code whose target is in `targets`
@@ -133,21 +137,32 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
     let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
     let mut ins = Instruction::default();
     let mut calls = Vec::new();
+    let mut branched_to = Vec::new();
     while dec.can_decode() {
         dec.decode_out(&mut ins);
         if ins.code() == Code::INVALID {
             return Vec::new();
         }
-        if ins.is_call_near() && ins.op0_kind() == OpKind::NearBranch64 {
-            let t = ins.near_branch_target();
+        if ins.op0_kind() != OpKind::NearBranch64 {
+            continue;
+        }
+        let t = ins.near_branch_target();
+        if ins.is_call_near() {
             if targets.binary_search(&t).is_ok() {
                 calls.push(CallSite {
                     call: ins.ip(),
                     next: ins.next_ip(),
                     target: t,
+                    joined: false,
                 });
             }
+        } else if ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near() {
+            branched_to.push(t);
         }
+    }
+    branched_to.sort_unstable();
+    for c in &mut calls {
+        c.joined = branched_to.binary_search(&c.next).is_ok();
     }
     calls
 }

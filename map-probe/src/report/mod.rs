@@ -170,6 +170,11 @@ pub struct Site {
     /// slow path at this site), `shared` (a semaphore function's probe,
     /// shared by every site), or `both`.
     pub measured: String,
+    /// Where its waits' ends were seen: `after-call` (the instruction after
+    /// this site's CALL), `callee-return` (the called function's RETs, for
+    /// a site whose fast path continues after the CALL too, where a probe
+    /// would trap on every Lock), or `return` (a shared function's RETs).
+    pub timed_at: String,
     pub wait: Wait,
     /// Probe point(s) the waits were seen at.
     pub probe: String,
@@ -209,7 +214,9 @@ pub struct SyncMapOut {
 pub struct ProbeOut {
     pub symbol: String,
     pub kind: Kind,
-    pub entry_offset: u64,
+    /// None for a callee's RETs, which end the waits of sites whose own
+    /// end would trap on every Lock.
+    pub entry_offset: Option<u64>,
     pub ret_offsets: usize,
     pub raw_hits: u64,
 }
