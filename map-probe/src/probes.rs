@@ -361,7 +361,7 @@ impl Probes {
             }
             changed[tier as usize] = true;
             let was_attached = set.is_linked();
-            let had_ends = set.ends_since.is_some() || set.entry_link.is_none();
+            let had_ends = set.ends_since.is_some();
             if was_attached {
                 self.detach(slot)?;
             }

@@ -119,9 +119,10 @@ const TICK_OPEN: Duration = Duration::from_millis(5);
 const TICK_CLOSED: Duration = Duration::from_millis(20);
 /// A windowed lock tier plants its end probes in one window of this many.
 /// An end fires once the lock is taken, so its trap lengthens the critical
-/// section of a lock others queue on and every waiter waits it out: on a
-/// lock ~25 goroutines queued on, the waits seen rose from ~2,600/s to
-/// ~20,000/s while the ends were in. Entries trap before the wait, on the
+/// section of a lock others queue on and every waiter waits it out: on the
+/// bench's cache lock (~2,600 waits/s unprobed, ~25 goroutines queued) its
+/// point hit 19,000-23,000 times a second while entries and ends were in,
+/// and kept always in, its waits reached ~15,000/s. Entries trap before the wait, on the
 /// waiter alone. Counts come from every window; wait time from a sample.
 const ENDS_EVERY: u32 = 8;
 /// How often the loop checks that the target still lives, and passes on
@@ -846,9 +847,10 @@ pub fn observe(
                 _ = tokio::time::sleep(next_tick) => {}
             }
             let now = Instant::now();
-            // Reading /proc on every 2-5 ms tick was most of map-probe's own
-            // CPU (5% of one, taken from the target at nice -10); an exit
-            // found 50 ms late costs nothing, the probes die with the target.
+            // Reading /proc on every 2-5 ms tick cost map-probe a sixth of
+            // its own CPU (idle target, 8 s: 0.71 s of CPU, 0.59 s without,
+            // taken from the target at nice -10); an exit found 50 ms late
+            // costs nothing, the probes die with the target.
             let exited = match child.as_deref_mut() {
                 Some(c) => c.exited().is_some(),
                 None if now.duration_since(last_alive) >= ALIVE_EVERY => {
