@@ -88,15 +88,29 @@ pub mod stat {
     /// planted or already being removed: counted, not watched (its RET may
     /// not be live, and a write left "inside" would read as an overlap).
     pub const MAP_UNWATCHED: u32 = 31;
-    pub const COUNT: u32 = 32;
+    /// Hits of the CAS probes (one per compare-and-swap executed while a
+    /// window is open), and those whose CAS failed (ZF clear).
+    pub const CAS_HITS: u32 = 32;
+    pub const CAS_FAILS: u32 = 33;
+    /// A CAS hit counted only in the totals: its site or address table was full.
+    pub const CAS_FULL: u32 = 34;
+    pub const COUNT: u32 = 35;
 }
 
 /// The per-CPU counters, in one map entry so the agent reads them all in one
 /// system call, which it does every few milliseconds while a window is open.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Counters {
     pub n: [u64; stat::COUNT as usize],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            n: [0; stat::COUNT as usize],
+        }
+    }
 }
 
 /// Written by the agent before each map-write window: writes remembered
@@ -299,6 +313,74 @@ pub const MAX_ADDRS: u32 = 65536;
 pub const MAX_STACKS: u32 = 16384;
 pub const MAX_INFLIGHT: u32 = 65536;
 
+/// A compare-and-swap site as the kernel aggregates it: the probe point
+/// (the instruction after one `LOCK CMPXCHG`) and the user stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CasKey {
+    pub point: u32,
+    pub stack_id: i32,
+    /// `*(rsp)` when the CAS is in a function without a frame of its own:
+    /// the frame-pointer walk skips its caller, this is its return address.
+    pub caller: u64,
+}
+
+/// Per CPU: attempts and failed attempts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CasStats {
+    pub attempts: u64,
+    pub failures: u64,
+}
+
+/// A word a CAS site wrote (its memory operand, computed from the saved
+/// registers), for false-sharing and hot-word analysis.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CasAddrKey {
+    pub point: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// Per CPU, per written word: attempts, failures, the goroutine that wrote
+/// it last on this CPU and whether another goroutine did too (so the agent
+/// can tell one writer from many without a set in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CasAddrStats {
+    pub attempts: u64,
+    pub failures: u64,
+    pub last_g: u64,
+    pub other_g: u64,
+}
+
+/// How to compute a CAS point's memory operand from the saved registers:
+/// `base + index * scale + disp`. Registers are numbered `CAS_REG_*`; 0 is
+/// none. A RIP-relative operand is resolved by the agent (`base` 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CasOperand {
+    pub base: u8,
+    pub index: u8,
+    pub scale: u8,
+    /// `CAS_FRAMELESS`.
+    pub flags: u8,
+    pub disp: i32,
+}
+
+/// In `CasOperand::flags`: the function keeps no frame pointer, so its
+/// return address is at `*(rsp)`.
+pub const CAS_FRAMELESS: u8 = 1;
+
+/// Register numbers for `CasOperand`: 1 RAX, 2 RBX, 3 RCX, 4 RDX, 5 RSI,
+/// 6 RDI, 7 RBP, 8 RSP, 9-16 R8-R15.
+pub const CAS_REG_RAX: u8 = 1;
+pub const CAS_REG_R15: u8 = 16;
+pub const MAX_CAS_POINTS: u32 = 4096;
+pub const MAX_CAS_SITES: u32 = 8192;
+pub const MAX_CAS_ADDRS: u32 = 16384;
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -317,4 +399,9 @@ mod user {
     unsafe impl aya::Pod for OverlapVal {}
     unsafe impl aya::Pod for Fatal {}
     unsafe impl aya::Pod for CrashStack {}
+    unsafe impl aya::Pod for CasKey {}
+    unsafe impl aya::Pod for CasStats {}
+    unsafe impl aya::Pod for CasAddrKey {}
+    unsafe impl aya::Pod for CasAddrStats {}
+    unsafe impl aya::Pod for CasOperand {}
 }

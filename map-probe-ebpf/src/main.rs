@@ -25,6 +25,7 @@ use map_probe_common::{
     COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, INFLIGHT_ENDS_AT_CALLEE, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
     MAX_ADDRS, MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
+    CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, CAS_FRAMELESS, MAX_CAS_ADDRS, MAX_CAS_POINTS, MAX_CAS_SITES,
 };
 
 /// Host tgid of the target. uprobe_multi links are already PID-scoped; this
@@ -108,6 +109,20 @@ static FATALS: HashMap<u32, Fatal> = HashMap::with_max_entries(MAX_CRASH, 0);
 
 #[map]
 static CRASH_STACKS: HashMap<u32, CrashStack> = HashMap::with_max_entries(MAX_CRASH, 0);
+
+/// Per (CAS point, user stack): attempts and failures.
+#[map]
+static CAS_SITES: PerCpuHashMap<CasKey, CasStats> = PerCpuHashMap::with_max_entries(MAX_CAS_SITES, 0);
+
+/// Per (CAS point, word written): attempts, failures and who wrote it, per
+/// CPU (which CPUs wrote a word is what false sharing needs).
+#[map]
+static CAS_ADDRS: PerCpuHashMap<CasAddrKey, CasAddrStats> =
+    PerCpuHashMap::with_max_entries(MAX_CAS_ADDRS, 0);
+
+/// Per CAS point: its memory operand, filled by the agent at load.
+#[map]
+static CAS_OPERANDS: Array<CasOperand> = Array::with_max_entries(MAX_CAS_POINTS, 0);
 
 /// Scratch space for a `Fatal`, too big for the BPF stack with the rest.
 #[map]
@@ -611,6 +626,112 @@ fn overlap(first: &Writer, now: u64) {
     if OVERLAPS.insert(&key, &v, 0).is_err() {
         bump(stat::OVERLAP_FULL);
     }
+}
+
+/// Runs on the instruction right after a `LOCK CMPXCHG` (or `CMPXCHG16B`)
+/// in the code in scope: the trap saves the flags the CAS left, so ZF says
+/// whether it swapped, and the registers still hold its memory operand.
+#[uprobe(multi)]
+pub fn cas_retry(ctx: ProbeContext) -> u32 {
+    cas_hit(ctx, link_cookie)
+}
+
+/// `cas_retry` on kernels without uprobe_multi.
+#[uprobe]
+pub fn cas_retry_pe(ctx: ProbeContext) -> u32 {
+    cas_hit(ctx, link_cookie)
+}
+
+/// `cas_retry` on kernels without BPF cookies (before 5.15).
+#[uprobe]
+pub fn cas_retry_ip(ctx: ProbeContext) -> u32 {
+    cas_hit(ctx, addr_cookie)
+}
+
+const EFLAGS_ZF: u64 = 1 << 6;
+
+#[inline(always)]
+fn reg(regs: &pt_regs, n: u8) -> u64 {
+    match n {
+        1 => regs.rax,
+        2 => regs.rbx,
+        3 => regs.rcx,
+        4 => regs.rdx,
+        5 => regs.rsi,
+        6 => regs.rdi,
+        7 => regs.rbp,
+        8 => regs.rsp,
+        9 => regs.r8,
+        10 => regs.r9,
+        11 => regs.r10,
+        12 => regs.r11,
+        13 => regs.r12,
+        14 => regs.r13,
+        15 => regs.r14,
+        16 => regs.r15,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn cas_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    let Some(cookie) = cookie_of(&ctx) else {
+        return 0;
+    };
+    let point = cookie as u32;
+    let regs = unsafe { &*ctx.regs };
+    let failed = regs.eflags & EFLAGS_ZF == 0;
+    bump(stat::CAS_HITS);
+    if failed {
+        bump(stat::CAS_FAILS);
+    }
+    let op = CAS_OPERANDS.get(point).copied().unwrap_or_default();
+    let caller = if op.flags & CAS_FRAMELESS != 0 {
+        unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    let key = CasKey { point, stack_id: user_stack(&ctx), caller };
+    let mut full = false;
+    match CAS_SITES.get_ptr_mut(&key) {
+        Some(v) => unsafe {
+            (*v).attempts += 1;
+            (*v).failures += failed as u64;
+        },
+        None => {
+            let v = CasStats { attempts: 1, failures: failed as u64 };
+            full |= CAS_SITES.insert(&key, &v, 0).is_err();
+        }
+    }
+    let addr = match op {
+        op if op.base != 0 => reg(regs, op.base)
+            .wrapping_add(reg(regs, op.index).wrapping_mul(op.scale as u64))
+            .wrapping_add(op.disp as i64 as u64),
+        _ => 0,
+    };
+    let g = regs.r14;
+    let akey = CasAddrKey { point, _pad: 0, addr };
+    match CAS_ADDRS.get_ptr_mut(&akey) {
+        Some(v) => unsafe {
+            (*v).attempts += 1;
+            (*v).failures += failed as u64;
+            if (*v).last_g != g {
+                (*v).other_g = (*v).last_g;
+                (*v).last_g = g;
+            }
+        },
+        None => {
+            let v = CasAddrStats { attempts: 1, failures: failed as u64, last_g: g, other_g: 0 };
+            full |= CAS_ADDRS.insert(&akey, &v, 0).is_err();
+        }
+    }
+    if full {
+        bump(stat::CAS_FULL);
+    }
+    0
 }
 
 /// `runtime.fatal` and `internal/runtime/maps.fatal` (message in RAX/RBX):

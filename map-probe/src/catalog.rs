@@ -15,6 +15,10 @@ pub enum Purpose {
     MapWrite,
     /// The runtime gives up with a user-caused fatal error (message in RAX/RBX).
     Fatal,
+    /// A compare-and-swap just ran (the probe sits on the next instruction):
+    /// count it, and count it failed when ZF is clear. Found by disassembly
+    /// (`cas`), not by symbol: no row of this table.
+    Cas,
 }
 
 impl Purpose {
@@ -24,12 +28,13 @@ impl Purpose {
             Purpose::LockWait => "lock_wait",
             Purpose::MapWrite => "map_write",
             Purpose::Fatal => "go_fatal",
+            Purpose::Cas => "cas_retry",
         }
     }
 
     /// Whether the RET instructions are probed too (to see the call end).
     pub fn probes_returns(self) -> bool {
-        !matches!(self, Purpose::Fatal)
+        !matches!(self, Purpose::Fatal | Purpose::Cas)
     }
 }
 
@@ -50,6 +55,7 @@ pub enum Kind {
     SyncMapRebuild,
     MapWrite,
     Fatal,
+    Cas,
 }
 
 impl Kind {
@@ -63,6 +69,7 @@ impl Kind {
             Kind::SyncMapRebuild => "sync.Map-rebuild",
             Kind::MapWrite => "map-write",
             Kind::Fatal => "fatal",
+            Kind::Cas => "cas",
         }
     }
 }

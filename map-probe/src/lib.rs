@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod aggregate;
 pub mod calibrate;
+pub mod cas;
 pub mod catalog;
 pub mod discover;
 pub mod doctor;

@@ -142,6 +142,16 @@ struct Common {
     /// are hot, so a map window also closes once it has cost the target 2 ms.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     map_window_ms: u64,
+    /// Don't count compare-and-swap attempts and retries.
+    #[arg(long)]
+    no_cas: bool,
+    /// Whose compare-and-swap instructions are probed: `default` (the main
+    /// module's packages and the known lock-free map libraries), `none`, or
+    /// comma-separated package paths, each covering the packages below it
+    /// (`default,github.com/acme/lockfree`). The Go runtime and sync's own
+    /// lock fast paths are never CAS sites.
+    #[arg(long, value_name = "PATTERNS", default_value = "default")]
+    cas_scope: String,
     /// Probe a process another map-probe is already probing (each spends
     /// its own budget).
     #[arg(long)]
@@ -227,6 +237,11 @@ impl Common {
             max_window_cost: MAP_WINDOW_COST,
             ..locks
         };
+        // A CAS loop runs at millions a second: windows like map writes'.
+        let cas = governor::Config {
+            budget: (!unlimited).then_some(total * session::CAS_BUDGET_SHARE),
+            ..maps
+        };
         let outputs = Outputs {
             json: self.json.clone(),
             flamegraph: self.flamegraph.clone(),
@@ -243,6 +258,7 @@ impl Common {
             measure_hit_cost: self.hit_cost_us.is_none(),
             locks,
             maps: (!self.no_map_writes).then_some(maps),
+            cas: (!self.no_cas && self.cas_scope != "none").then(|| (cas, self.cas_scope.clone())),
             outputs,
         })
     }

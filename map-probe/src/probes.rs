@@ -25,9 +25,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use map_probe_common::{
-    stat, Control, Counters, CrashStack, Fatal, LockKey, OverlapKey, OverlapVal, SiteKey,
-    SiteStats, WaitHist, WriteKey, Writer, COOKIE_AT_CALL, COOKIE_CALLEE_RET,
-    COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, COOKIE_TIER_SHIFT, LOCK_TIERS,
+    stat, CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, Control, Counters, CrashStack,
+    Fatal, LockKey, OverlapKey, OverlapVal, SiteKey, SiteStats, WaitHist, WriteKey, Writer,
+    COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET,
+    COOKIE_TIER_SHIFT, LOCK_TIERS, MAX_CAS_POINTS,
 };
 
 use crate::{
@@ -418,7 +419,7 @@ impl Probes {
             Purpose::LockWait => {
                 self.control.lock_since_ns[usize::from(slot.tier) % LOCK_TIERS] = monotonic_ns()
             }
-            Purpose::Fatal => {}
+            Purpose::Fatal | Purpose::Cas => {}
         }
         let control = self.control;
         let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
@@ -647,6 +648,45 @@ impl Probes {
     }
 
     /// Waits per (site, semaphore).
+    /// CAS attempts and failures per (point, stack), summed over CPUs.
+    pub fn cas_sites(&self) -> Result<Vec<(CasKey, CasStats)>> {
+        let map: PerCpuHashMap<&MapData, CasKey, CasStats> =
+            PerCpuHashMap::try_from(self.map("CAS_SITES")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (k, vals) = entry?;
+            let mut s = CasStats::default();
+            for v in vals.iter() {
+                s.attempts += v.attempts;
+                s.failures += v.failures;
+            }
+            out.push((k, s));
+        }
+        Ok(out)
+    }
+
+    /// Per (point, word): each CPU's counts, in CPU order.
+    pub fn cas_addrs(&self) -> Result<Vec<(CasAddrKey, Vec<CasAddrStats>)>> {
+        let map: PerCpuHashMap<&MapData, CasAddrKey, CasAddrStats> =
+            PerCpuHashMap::try_from(self.map("CAS_ADDRS")?)?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            let (k, vals) = entry?;
+            out.push((k, vals.iter().copied().collect()));
+        }
+        Ok(out)
+    }
+
+    /// Tells the CAS program how to find each point's memory operand.
+    pub fn set_cas_operands(&mut self, ops: &[CasOperand]) -> Result<()> {
+        let mut arr: Array<&mut MapData, CasOperand> =
+            Array::try_from(self.map_mut("CAS_OPERANDS")?)?;
+        for (i, op) in ops.iter().enumerate().take(MAX_CAS_POINTS as usize) {
+            arr.set(i as u32, op, 0)?;
+        }
+        Ok(())
+    }
+
     pub fn site_locks(&self) -> Result<Vec<(LockKey, u64)>> {
         let map: HashMap<&MapData, LockKey, u64> = HashMap::try_from(self.map("SITE_LOCKS")?)?;
         Ok(map.iter().filter_map(Result::ok).collect())

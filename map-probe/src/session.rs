@@ -22,12 +22,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     aggregate::{self, KeyData, RawSite},
+    cas,
     catalog::{self, Plan, Purpose},
     doctor::Host,
     export::Exporter,
     governor::{self, Decision, Governor},
     probes::{Probes, Slot, UprobeMode},
-    report::{self, LockTier, MapSampling, Report, Risk, Sampling, TargetInfo},
+    report::{self, CasSampling, LockTier, MapSampling, Report, Risk, Sampling, TargetInfo},
     risks::{self, Clock},
     sites,
     symbolize::Symbolizer,
@@ -63,6 +64,9 @@ pub struct Options {
     pub locks: governor::Config,
     /// None: map writes are not watched.
     pub maps: Option<governor::Config>,
+    /// CAS retries: the governor's config and the `--cas-scope` spec;
+    /// None: not counted.
+    pub cas: Option<(governor::Config, String)>,
     pub outputs: Outputs,
 }
 
@@ -94,12 +98,14 @@ pub struct Plans {
     pub locks: Plan,
     pub maps: Option<Plan>,
     pub fatal: Plan,
+    pub cas: Option<cas::CasPlan>,
 }
 
 impl Plans {
     pub fn all(&self) -> Vec<&Plan> {
         let mut v = vec![&self.locks, &self.fatal];
         v.extend(self.maps.as_ref());
+        v.extend(self.cas.as_ref().map(|c| &c.plan));
         v
     }
 }
@@ -110,6 +116,10 @@ pub struct Outcome {
     /// The target, handed back (the probes are gone by now).
     pub target: Target,
 }
+
+/// The share of `--budget` the CAS probes get when there is a CAS in scope
+/// (taken evenly from the lock and map-write probes' halves).
+pub const CAS_BUDGET_SHARE: f64 = 0.25;
 
 /// How often the loop looks at the counters: often while a window is open,
 /// since a hot path (a map write at ~100k calls/s) costs the target a
@@ -135,7 +145,7 @@ struct Governed {
     /// Lock waits: 0 steady, 1 windowed (see `tiers`).
     tier: u8,
     gov: Governor,
-    counters: [u32; 2],
+    counters: Vec<u32>,
 }
 
 impl Governed {
@@ -215,6 +225,8 @@ struct Mark {
     risks: HashMap<String, u64>,
     /// Each lock point's observed time at `at`.
     observed: Vec<Duration>,
+    /// The CAS counters as last read.
+    cas: cas::Raw,
 }
 
 pub struct Observation {
@@ -250,9 +262,15 @@ impl Observation {
         let start = Instant::now();
         let clock = Clock::now();
         let measured = probes.trap_cost;
+        // CAS probes, where the binary has CAS sites in scope, take their
+        // share (`CAS_BUDGET_SHARE`) from the lock and map-write probes.
+        let cas_on = opts.cas.is_some() && probes.has(Purpose::Cas);
         let costed = |mut c: governor::Config| {
             if let Some(m) = measured {
                 c.hit_cost = m * crate::calibrate::HIT_COST_PER_TRAP;
+            }
+            if cas_on {
+                c.budget = c.budget.map(|b| b * (1.0 - CAS_BUDGET_SHARE));
             }
             c
         };
@@ -274,7 +292,7 @@ impl Observation {
                     purpose: Purpose::LockWait,
                     tier: t as u8,
                     gov,
-                    counters: [tier_stat(t, false), tier_stat(t, true)],
+                    counters: vec![tier_stat(t, false), tier_stat(t, true)],
                 }
             })
             .collect();
@@ -283,7 +301,22 @@ impl Observation {
                 purpose: Purpose::MapWrite,
                 tier: 0,
                 gov: Governor::new(costed(cfg), start),
-                counters: [stat::MAP_HITS, stat::MAP_RET_HITS],
+                counters: vec![stat::MAP_HITS, stat::MAP_RET_HITS],
+            });
+        }
+        if let (Some((cfg, _)), true) = (&opts.cas, probes.has(Purpose::Cas)) {
+            sets.push(Governed {
+                purpose: Purpose::Cas,
+                tier: 0,
+                gov: Governor::new(
+                    governor::Config {
+                        hit_cost: measured
+                            .map_or(cfg.hit_cost, |m| m * crate::calibrate::HIT_COST_PER_TRAP),
+                        ..*cfg
+                    },
+                    start,
+                ),
+                counters: vec![stat::CAS_HITS],
             });
         }
         for s in &mut sets {
@@ -301,6 +334,7 @@ impl Observation {
             sites: HashMap::new(),
             risks: HashMap::new(),
             observed: Vec::new(),
+            cas: cas::Raw::default(),
         };
         let tiers = Tiers::new(
             plans.locks.points.iter().map(|p| p.ends_at).collect(),
@@ -368,13 +402,15 @@ impl Observation {
                 .iter()
                 .any(|s| s.gov.is_open() && p.is_none_or(|p| s.purpose == p))
         };
-        Ok(Step::Next(if open(Some(Purpose::MapWrite)) {
-            TICK_MAP_OPEN
-        } else if open(None) {
-            TICK_OPEN
-        } else {
-            TICK_CLOSED
-        }))
+        Ok(Step::Next(
+            if open(Some(Purpose::MapWrite)) || open(Some(Purpose::Cas)) {
+                TICK_MAP_OPEN
+            } else if open(None) {
+                TICK_OPEN
+            } else {
+                TICK_CLOSED
+            },
+        ))
     }
 
     /// Each lock tier's attached time so far.
@@ -497,7 +533,15 @@ impl Observation {
             scales: &scales,
             end: end.as_str(),
             risks,
+            cas: self.read_cas()?,
         }))
+    }
+
+    fn read_cas(&self) -> Result<cas::Raw> {
+        match self.plans.cas {
+            Some(_) => cas::Raw::read(&self.probes),
+            None => Ok(cas::Raw::default()),
+        }
     }
 
     /// What happened since the last call (or the start): sites with their
@@ -543,6 +587,7 @@ impl Observation {
         let all = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
         let risks = new_risks(&mut self.mark.risks, all);
         let start_unix = self.mark.unix_nanos;
+        let cas_now = self.read_cas()?;
         let report = self.build(Span {
             sym: &mut sym,
             raw: &raw,
@@ -555,7 +600,9 @@ impl Observation {
             scales: &scales,
             end: end.map_or("running", End::as_str),
             risks,
+            cas: cas_now.since(&self.mark.cas),
         });
+        self.mark.cas = cas_now;
         self.mark.observed = observed_now;
         self.mark.at = now;
         self.mark.unix_nanos = start_unix + elapsed.as_nanos() as u64;
@@ -619,6 +666,7 @@ impl Observation {
                 unmatched_rets: s.stats[stat::MAP_RET_UNMATCHED as usize],
                 overlap_candidates: s.stats[stat::OVERLAP_CANDIDATES as usize],
             });
+        let (cas_sampling, built) = self.build_cas(&s);
         let mut drops = totals.drops;
         drops.stack_incomplete = incomplete;
         let mut points = [0usize; LOCK_TIERS];
@@ -679,14 +727,61 @@ impl Observation {
                 trap_us: self.probes.trap_cost.map(|t| t.as_secs_f64() * 1e6),
                 window_ms: cfg.window.as_millis() as u64,
                 map_writes,
+                cas: cas_sampling,
             },
             probes: sites::probe_hits(s.raw, &self.plans.locks.points),
             drops,
             end: s.end.into(),
             sites,
             risks: s.risks,
+            cas: built.sites,
+            false_sharing: built.false_sharing,
             stacks,
         }
+    }
+
+    /// The CAS probes' sampling and sites (none without a CAS plan).
+    fn build_cas(&self, s: &Span) -> (Option<CasSampling>, cas::Built) {
+        let none = cas::Built {
+            sites: Vec::new(),
+            false_sharing: Vec::new(),
+        };
+        let Some(plan) = &self.plans.cas else {
+            return (None, none);
+        };
+        let Some((set, (attached, windows))) = self
+            .sets
+            .iter()
+            .zip(s.attached.iter().zip(s.windows))
+            .find(|(set, _)| set.purpose == Purpose::Cas)
+        else {
+            return (None, none);
+        };
+        let governed = set.gov.config().budget.is_some();
+        let scale = if !governed || attached.is_zero() {
+            1.0
+        } else {
+            (s.elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
+        };
+        let built = cas::build(
+            &s.cas,
+            plan,
+            &self.probes,
+            &self.target,
+            scale,
+            s.elapsed.as_secs_f64(),
+        );
+        let sampling = CasSampling {
+            points: plan.points.len(),
+            scope: plan.scope.clone(),
+            attached_secs: attached.as_secs_f64(),
+            windows: *windows,
+            raw_hits: s.stats[stat::CAS_HITS as usize],
+            raw_failures: s.stats[stat::CAS_FAILS as usize],
+            scale,
+            budget_cpu_percent: set.gov.config().budget.map(|b| b * 100.0),
+        };
+        (Some(sampling), built)
     }
 
     fn status_line(&self, now: Instant, total: Option<Duration>, ui: &Ui) {
@@ -744,6 +839,7 @@ struct Span<'a, 'b, 'c> {
     scales: &'b [f64],
     end: &'static str,
     risks: Vec<Risk>,
+    cas: cas::Raw,
 }
 
 /// Decides every probe point for the target's Go version and loads the
@@ -769,7 +865,23 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
             target.go_version()
         );
     }
-    let plans = Plans { locks, maps, fatal };
+    let cas = opts.cas.as_ref().map(|(_, spec)| {
+        let plan = cas::plan(&target.bin, &cas::Scope::parse(spec, &target.bin));
+        log::info!(
+            "{} CAS instruction(s) in scope {:?} ({} left unprobed)",
+            plan.points.len(),
+            plan.scope,
+            plan.skipped
+        );
+        plan
+    });
+    let cas = cas.filter(|c| !c.points.is_empty());
+    let plans = Plans {
+        locks,
+        maps,
+        fatal,
+        cas,
+    };
     let mut probes = Probes::load(
         target.pid,
         target.open_path.clone(),
@@ -777,6 +889,9 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
         &plans.all(),
         UprobeMode::for_host(),
     )?;
+    if let Some(c) = &plans.cas {
+        probes.set_cas_operands(&c.operands)?;
+    }
     // The PID must still name the process that was read (not a new one
     // that reused its number) as the probes go in.
     if !target.alive() {

@@ -166,3 +166,119 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
     }
     calls
 }
+
+/// One compare-and-swap instruction (`LOCK CMPXCHG`, `LOCK CMPXCHG16B`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CasInsn {
+    pub ip: u64,
+    /// The instruction after it: where a probe sees the flags it left.
+    pub next: u64,
+    /// Its memory operand as registers (`CAS_REG_*` numbers, 0 none),
+    /// scale and displacement; a RIP-relative one as its absolute address.
+    pub base: u8,
+    pub index: u8,
+    pub scale: u8,
+    pub disp: i32,
+    pub absolute: Option<u64>,
+    /// The function pushes no frame pointer (a small leaf): its return
+    /// address stays at `*(rsp)`.
+    pub frameless: bool,
+    /// A branch also lands on `next` (the flags there are not always this
+    /// CAS's), or `next` is LOCK-prefixed: no probe goes there.
+    pub unsafe_next: bool,
+}
+
+/// `CAS_REG_*` number of a 64-bit general register, 0 for anything else.
+fn reg_number(r: Register) -> u8 {
+    const ORDER: [Register; 16] = [
+        Register::RAX,
+        Register::RBX,
+        Register::RCX,
+        Register::RDX,
+        Register::RSI,
+        Register::RDI,
+        Register::RBP,
+        Register::RSP,
+        Register::R8,
+        Register::R9,
+        Register::R10,
+        Register::R11,
+        Register::R12,
+        Register::R13,
+        Register::R14,
+        Register::R15,
+    ];
+    ORDER
+        .iter()
+        .position(|&o| o == r)
+        .map_or(0, |i| i as u8 + 1)
+}
+
+/// Every LOCK-prefixed CMPXCHG and CMPXCHG16B in one function's code.
+/// Undecodable bytes end the scan (a corrupt binary gets no points).
+pub(crate) fn cas_instructions(code: &[u8], entry: u64) -> Vec<CasInsn> {
+    let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
+    let mut ins = Instruction::default();
+    let mut out = Vec::new();
+    let mut branched_to = Vec::new();
+    let mut locked = Vec::new();
+    let mut framed = false;
+    let mut n = 0;
+    while dec.can_decode() {
+        n += 1;
+        dec.decode_out(&mut ins);
+        if ins.code() == Code::INVALID {
+            return Vec::new();
+        }
+        if ins.has_lock_prefix() {
+            locked.push(ins.ip());
+        }
+        // Go's frame setup, right after the stack check: PUSHQ BP.
+        framed |= n <= 2 * MAX_PROLOGUE
+            && ins.mnemonic() == Mnemonic::Push
+            && is_reg(&ins, 0, Register::RBP);
+        if ins.op0_kind() == OpKind::NearBranch64
+            && (ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
+        {
+            branched_to.push(ins.near_branch_target());
+        }
+        let cas = matches!(ins.mnemonic(), Mnemonic::Cmpxchg | Mnemonic::Cmpxchg16b);
+        if !cas || !ins.has_lock_prefix() || ins.op0_kind() != OpKind::Memory {
+            continue;
+        }
+        let rip = ins.memory_base() == Register::RIP;
+        // CMPXCHG loads RAX (CMPXCHG16B RDX:RAX) on failure: an operand
+        // built from them is gone by the probe, so its address is unknown.
+        let clobbered = |r: Register| matches!(r, Register::RAX | Register::RDX);
+        let (base, index) = if rip || clobbered(ins.memory_base()) || clobbered(ins.memory_index())
+        {
+            (0, 0)
+        } else {
+            (
+                reg_number(ins.memory_base()),
+                reg_number(ins.memory_index()),
+            )
+        };
+        out.push(CasInsn {
+            ip: ins.ip(),
+            next: ins.next_ip(),
+            base,
+            index,
+            scale: ins.memory_index_scale() as u8,
+            disp: if rip {
+                0
+            } else {
+                ins.memory_displacement64() as i64 as i32
+            },
+            absolute: rip.then(|| ins.memory_displacement64()),
+            frameless: false,
+            unsafe_next: false,
+        });
+    }
+    branched_to.sort_unstable();
+    for c in &mut out {
+        c.frameless = !framed;
+        c.unsafe_next = branched_to.binary_search(&c.next).is_ok() || locked.contains(&c.next);
+    }
+    out
+}

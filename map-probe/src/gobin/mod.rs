@@ -35,7 +35,7 @@
 
 mod buildinfo;
 mod disasm;
-pub use disasm::CallSite;
+pub use disasm::{CallSite, CasInsn};
 mod image;
 mod moduledata;
 mod pclntab;
@@ -508,6 +508,17 @@ impl GoBinary {
             }
         }
         out
+    }
+
+    /// Every LOCK CMPXCHG / CMPXCHG16B in `f` (none if its code is not in
+    /// the file or does not decode).
+    pub fn cas_instructions(&self, f: &Func) -> Vec<disasm::CasInsn> {
+        let Ok(len) = usize::try_from(f.size()) else {
+            return Vec::new();
+        };
+        self.img
+            .bytes(f.entry, len)
+            .map_or_else(Vec::new, |code| disasm::cas_instructions(code, f.entry))
     }
 
     /// The PT_LOAD holding runtime.text: (p_vaddr, p_offset, p_memsz).

@@ -92,6 +92,78 @@ pub struct Sampling {
     /// The lock points' tiers (see `tiers`): tier 0 steady, 1-7 windowed
     /// with ever lower duty; only tiers holding points.
     pub lock_tiers: Vec<LockTier>,
+    /// The CAS probes' own windows (absent when no CAS is in scope).
+    pub cas: Option<CasSampling>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct CasSampling {
+    /// CAS instructions probed, and the package patterns that chose them.
+    pub points: usize,
+    pub scope: Vec<String>,
+    pub attached_secs: f64,
+    pub windows: u32,
+    pub raw_hits: u64,
+    pub raw_failures: u64,
+    /// Counts in `cas` are raw counts times this (elapsed / attached).
+    pub scale: f64,
+    pub budget_cpu_percent: Option<f64>,
+}
+
+/// One compare-and-swap instruction in the code in scope, with how often it
+/// ran and failed (a failed CAS is a retry of the loop around it).
+#[derive(Serialize, Debug)]
+pub struct CasSite {
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+    /// Estimated over the whole run (raw × scale), and the raw counts.
+    pub attempts: u64,
+    pub failures: u64,
+    pub raw_attempts: u64,
+    pub raw_failures: u64,
+    /// failures / attempts, from the raw counts (scaling cancels out).
+    pub failure_ratio: f64,
+    /// 95% relative error of `failures` as an estimate (Poisson, from the
+    /// raw count; 0 when nothing was scaled).
+    pub failures_error: f64,
+    pub scale: f64,
+    /// The word it swapped most often: address, and the global holding it
+    /// (`main.counters+8`) where the binary has a symbol table; how many
+    /// distinct words it swapped.
+    pub target: Option<String>,
+    pub target_symbol: Option<String>,
+    pub targets: usize,
+    /// When the CAS is in a dependency: the first frame of the main module
+    /// above it, the user's line that pays.
+    pub caller: Option<FrameOut>,
+    pub stacks: usize,
+    pub stack: Vec<FrameOut>,
+}
+
+/// Two distinct hot words in one 64-byte cache line, written by different
+/// goroutines on different CPUs in the same windows: each write takes the
+/// line from the other's cache. Padding them apart is the fix.
+#[derive(Serialize, Debug)]
+pub struct FalseSharing {
+    /// The cache line's address.
+    pub cache_line: String,
+    pub words: Vec<SharedWord>,
+    pub suggestion: String,
+}
+
+#[derive(Serialize, Debug)]
+pub struct SharedWord {
+    pub addr: String,
+    pub symbol: Option<String>,
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+    /// Estimated writes per second while the probes ran.
+    pub writes_per_sec: f64,
+    /// Distinct goroutines and CPUs seen writing it (goroutines: at least).
+    pub goroutines: usize,
+    pub cpus: usize,
 }
 
 #[derive(Serialize, Debug)]
@@ -246,6 +318,9 @@ pub struct Report {
     pub sites: Vec<Site>,
     /// Concurrent writes to plain maps: overlaps and fatal crashes.
     pub risks: Vec<Risk>,
+    /// Compare-and-swap sites, most failures first.
+    pub cas: Vec<CasSite>,
+    pub false_sharing: Vec<FalseSharing>,
     /// Every stack with its scaled count, for flamegraphs.
     #[serde(skip)]
     pub stacks: Vec<StackCount>,
@@ -324,12 +399,15 @@ pub(crate) mod tests {
                 window_ms: 500,
                 map_writes: None,
                 lock_tiers: Vec::new(),
+                cas: None,
             },
             probes: Vec::new(),
             drops: Drops::default(),
             end: "duration".into(),
             sites: Vec::new(),
             risks: Vec::new(),
+            cas: Vec::new(),
+            false_sharing: Vec::new(),
             stacks,
         }
     }

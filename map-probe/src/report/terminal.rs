@@ -62,6 +62,7 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
             )?;
         }
     }
+    cas(report, top, out)?;
     risks(report, out)?;
     let d = &report.drops;
     if d.any() {
@@ -87,6 +88,79 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
 }
 
 /// The promotions behind sync.Map waits (Go 1.19-1.23), where there were any.
+/// CAS sites, most failures first, and the false-sharing suspects.
+fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
+    let Some(c) = &report.sampling.cas else {
+        return Ok(());
+    };
+    if report.cas.is_empty() {
+        return writeln!(
+            out,
+            "\nCAS: none ran while probed ({} CAS site(s) in scope, {} window(s), {})",
+            c.points,
+            c.windows,
+            secs(c.attached_secs)
+        );
+    }
+    writeln!(
+        out,
+        "\n{:>17} {:>17} {:>7} {:>9}  CAS SITE (counts scaled x{:.2}, {} window(s))",
+        "ATTEMPTS(est)", "FAILURES(est)", "FAIL%", "RAW", c.scale, c.windows
+    )?;
+    for site in report.cas.iter().take(top) {
+        let failures = if site.failures_error > 0.1 {
+            format!(
+                "{} ±{:.0}%",
+                group(site.failures),
+                site.failures_error * 100.0
+            )
+        } else {
+            group(site.failures)
+        };
+        let on = site
+            .target_symbol
+            .as_deref()
+            .map_or(String::new(), |t| format!(" on {t}"));
+        let caller = site.caller.as_ref().map_or(String::new(), |f| {
+            format!(" from {} ({}:{})", f.function, short_path(&f.file), f.line)
+        });
+        writeln!(
+            out,
+            "{:>17} {:>17} {:>6.2}% {:>9}  {} ({}:{}){on}{caller}",
+            group(site.attempts),
+            failures,
+            site.failure_ratio * 100.0,
+            group(site.raw_attempts),
+            site.function,
+            short_path(&site.file),
+            site.line,
+        )?;
+    }
+    for fs in &report.false_sharing {
+        let words: Vec<String> = fs
+            .words
+            .iter()
+            .map(|w| {
+                format!(
+                    "{} ({}:{}, {}/s)",
+                    w.symbol.as_deref().unwrap_or(&w.addr),
+                    short_path(&w.file),
+                    w.line,
+                    group(w.writes_per_sec.round() as u64)
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "false sharing? cache line {}: {}; {}",
+            fs.cache_line,
+            words.join(" and "),
+            fs.suggestion
+        )?;
+    }
+    Ok(())
+}
+
 fn sync_map_notes(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
     for site in report.sites.iter().take(top) {
         let Some(m) = site
