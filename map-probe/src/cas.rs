@@ -313,10 +313,6 @@ pub fn build(
             w.point_attempts = n;
         }
     }
-    let in_main = |f: &str| {
-        let pkg = package_of(f);
-        pkg == "main" || main_module.is_some_and(|m| pkg == m || pkg.starts_with(&format!("{m}/")))
-    };
     let mut out = Vec::new();
     for (point, a) in &mut acc {
         let Some(p) = plan.points.get(*point as usize) else {
@@ -344,9 +340,7 @@ pub fn build(
             .find(|f| !f.function.starts_with("sync/atomic."))
             .cloned()
             .unwrap_or_else(|| sites::site_of(&stack));
-        let caller = (!in_main(&at.function))
-            .then(|| stack.iter().find(|f| in_main(&f.function)).cloned())
-            .flatten();
+        let caller = sites::caller_of(&at, &stack, main_module);
         let (target, _) = a
             .words
             .iter()

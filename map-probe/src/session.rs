@@ -644,8 +644,13 @@ impl Observation {
 
     fn build(&self, s: Span) -> Report {
         let target = &self.target;
-        let (sites, stacks, incomplete) =
-            sites::build_sites(s.raw, &self.plans.locks.points, s.sym, s.scales);
+        let (sites, stacks, incomplete) = sites::build_sites(
+            s.raw,
+            &self.plans.locks.points,
+            s.sym,
+            s.scales,
+            self.target.bin.main_module(),
+        );
         let totals = aggregate::totals(s.stats);
         let cfg = self.sets[0].gov.config();
         let map_writes = self

@@ -9,7 +9,7 @@ use map_probe_common::HIST_BUCKETS;
 use crate::{
     aggregate::RawSite,
     catalog::{self, Kind, Point},
-    report::{Bucket, FrameOut, ProbeOut, Site, StackCount, SyncMapOut, Wait},
+    report::{Bucket, FrameOut, ProbeOut, ShardShare, Shards, Site, StackCount, SyncMapOut, Wait},
     symbolize::Symbolizer,
 };
 
@@ -117,6 +117,70 @@ fn promotion_cost(sites: &mut [Site]) {
     }
 }
 
+/// A lock is named a hot shard when it takes at least `HOT_SHARD_SHARE` of
+/// its site's waits, at least `HOT_SHARD_FACTOR` times the next lock's, and
+/// at least `HOT_SHARD_MIN_WAITS` raw waits (fewer say little about skew).
+/// Uniform load over the shards meets none of the first two.
+pub const HOT_SHARD_SHARE: f64 = 0.5;
+pub const HOT_SHARD_FACTOR: f64 = 4.0;
+pub const HOT_SHARD_MIN_WAITS: u64 = 20;
+
+/// How a site's waits spread over its locks; None for a single lock.
+fn shards(locks: &HashMap<u64, u64>, sym: &Symbolizer) -> Option<Shards> {
+    if locks.len() < 2 {
+        return None;
+    }
+    let total: u64 = locks.values().sum();
+    let mut by: Vec<(u64, u64)> = locks.iter().map(|(l, n)| (*l, *n)).collect();
+    by.sort_unstable_by_key(|&(l, n)| (std::cmp::Reverse(n), l));
+    let share = |&(lock, waits): &(u64, u64)| ShardShare {
+        lock: format!("{lock:#x}"),
+        symbol: sym.data(lock),
+        waits,
+        share: waits as f64 / total.max(1) as f64,
+    };
+    let (top, next) = (by[0].1, by[1].1);
+    let hot = (top >= HOT_SHARD_MIN_WAITS
+        && top as f64 >= HOT_SHARD_SHARE * total as f64
+        && top as f64 >= HOT_SHARD_FACTOR * next as f64)
+        .then(|| share(&by[0]));
+    Some(Shards {
+        locks: locks.len(),
+        shares: by.iter().take(64).map(share).collect(),
+        hot,
+    })
+}
+
+/// Whether `function` is in the main module (`main`, or the module path
+/// from the build info and the packages below it).
+pub fn in_main_module(function: &str, main_module: Option<&str>) -> bool {
+    let pkg = crate::cas::package_of(function);
+    pkg == "main"
+        || main_module.is_some_and(|m| {
+            pkg == m
+                || pkg
+                    .strip_prefix(m)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+}
+
+/// For a site in a dependency (a library's own `Lock`, a CAS inside a
+/// lock-free map): the first frame of the main module above it, the
+/// user's line that pays. None when the site is the user's own.
+pub fn caller_of(
+    site: &FrameOut,
+    stack: &[FrameOut],
+    main_module: Option<&str>,
+) -> Option<FrameOut> {
+    if in_main_module(&site.function, main_module) {
+        return None;
+    }
+    stack
+        .iter()
+        .find(|f| in_main_module(&f.function, main_module))
+        .cloned()
+}
+
 /// The 95% relative error of `raw × scale` as an estimate of the whole run's
 /// count: none when nothing was scaled, else that of a Poisson count.
 pub fn count_error(raw: u64, scale: f64) -> f64 {
@@ -205,6 +269,7 @@ pub fn build_sites(
     points: &[Point],
     sym: &mut Symbolizer,
     scales: &[f64],
+    main_module: Option<&str>,
 ) -> (Vec<Site>, Vec<StackCount>, u64) {
     struct Acc {
         site: FrameOut,
@@ -394,7 +459,11 @@ pub fn build_sites(
                 .iter()
                 .max_by_key(|(addr, n)| (**n, std::cmp::Reverse(**addr)))
                 .map(|(addr, _)| *addr);
+            let caller = caller_of(&a.site, &stack, main_module);
+            let shards = shards(&a.locks, sym);
             Site {
+                caller,
+                shards,
                 lock: lock.map(|l| format!("{l:#x}")),
                 lock_symbol: lock.and_then(|l| sym.data(l)),
                 locks: a.locks.len(),

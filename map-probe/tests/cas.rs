@@ -163,3 +163,93 @@ fn cas_counts_at_the_default_budget_are_scaled_estimates() {
     assert!(text.contains("CAS SITE"), "{text}");
     assert!(text.contains("main.casAdd"), "{text}");
 }
+
+/// Two counters in one cache line, each CASed by its own goroutine, are a
+/// false-sharing suspect (names, sites, rates); padded apart they are not,
+/// and one word CASed from two goroutines is true sharing, never flagged.
+/// The fixture's own benchmark says what the padding buys on this machine
+/// (printed: a timing is no test).
+#[test]
+fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
+    require_root();
+    let line = |m: &str| common::fixture_line("falseshare", m, |l| l.ends_with(m)) as u64;
+    for go in [GoToolchain::Go119, GoToolchain::Go126] {
+        let bin = go_fixture("falseshare", go, Variant::Plain);
+        let bench = std::process::Command::new(&bin)
+            .args(["-bench", "2"])
+            .output()
+            .expect("run the falseshare benchmark");
+        let bench = String::from_utf8_lossy(&bench.stdout).to_string();
+        eprintln!("{go:?}: {}", bench.trim());
+        assert!(bench.contains("bench unpadded="), "{bench}");
+        for (mode, flagged) in [("", true), ("-pad", false), ("-shared", false)] {
+            let what = format!("{go:?} {mode}");
+            let mut args = vec!["-duration", "60s"];
+            if !mode.is_empty() {
+                args.push(mode);
+            }
+            let fx = start_fixture(&bin, &args);
+            let (_, r) = attach_json(
+                fx.pid(),
+                &format!("falseshare{mode}-{go:?}"),
+                &[
+                    "--duration",
+                    "3",
+                    "--budget",
+                    "unlimited",
+                    "--no-map-writes",
+                ],
+            );
+            let fs = r["false_sharing"].as_array().unwrap();
+            let cas = r["cas"].as_array().unwrap();
+            assert_eq!(cas.len(), 2, "{what}: both writers' CAS sites: {cas:?}");
+            if !flagged {
+                assert!(fs.is_empty(), "{what}: nothing to pad: {fs:?}");
+                if mode == "-shared" {
+                    assert!(
+                        cas.iter().all(|c| c["target_symbol"] == "main.counters"),
+                        "{what}: {cas:?}"
+                    );
+                }
+                continue;
+            }
+            assert_eq!(fs.len(), 1, "{what}: one line shared: {fs:?}");
+            let words = fs[0]["words"].as_array().unwrap();
+            let mut got: Vec<(String, String, u64)> = words
+                .iter()
+                .map(|w| {
+                    assert!(
+                        w["writes_per_sec"].as_f64().unwrap() >= 1000.0,
+                        "{what}: {w}"
+                    );
+                    (
+                        w["symbol"].as_str().unwrap_or("?").to_string(),
+                        w["function"].as_str().unwrap().to_string(),
+                        w["line"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            got.sort();
+            assert_eq!(
+                got,
+                vec![
+                    (
+                        "main.counters".into(),
+                        "main.writeA".into(),
+                        line("// CAS a")
+                    ),
+                    (
+                        "main.counters+8".into(),
+                        "main.writeB".into(),
+                        line("// CAS b")
+                    ),
+                ],
+                "{what}: {fs:?}"
+            );
+            assert!(
+                fs[0]["suggestion"].as_str().unwrap().contains("pad"),
+                "{what}: {fs:?}"
+            );
+        }
+    }
+}

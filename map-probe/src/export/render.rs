@@ -303,6 +303,8 @@ mod tests {
             lock: None,
             lock_symbol: None,
             locks: 1,
+            caller: None,
+            shards: None,
             sync_map: None,
             stacks: 1,
             stack: Vec::new(),

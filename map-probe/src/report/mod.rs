@@ -260,11 +260,35 @@ pub struct Site {
     pub lock: Option<String>,
     pub lock_symbol: Option<String>,
     pub locks: usize,
+    /// When the site is in a dependency (a library's own `Lock`): the
+    /// first frame of the main module above it, the user's line that pays.
+    pub caller: Option<FrameOut>,
+    /// For a site that waited on more than one lock (a lock per shard of a
+    /// sharded map, or per object): how its waits spread over them.
+    pub shards: Option<Shards>,
     /// For kind `sync.Map`: the method the user called.
     pub sync_map: Option<SyncMapOut>,
     /// Distinct stacks merged into this site; `stack` is the busiest one.
     pub stacks: usize,
     pub stack: Vec<FrameOut>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Shards {
+    /// Distinct locks seen at the site.
+    pub locks: usize,
+    /// Each lock's share of the site's waits, largest first (at most 64).
+    pub shares: Vec<ShardShare>,
+    /// The lock named hot (`sites::HOT_SHARD_SHARE`), when one is.
+    pub hot: Option<ShardShare>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct ShardShare {
+    pub lock: String,
+    pub symbol: Option<String>,
+    pub waits: u64,
+    pub share: f64,
 }
 
 #[derive(Serialize, Debug)]

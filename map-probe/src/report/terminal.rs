@@ -121,9 +121,10 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
             .target_symbol
             .as_deref()
             .map_or(String::new(), |t| format!(" on {t}"));
-        let caller = site.caller.as_ref().map_or(String::new(), |f| {
-            format!(" from {} ({}:{})", f.function, short_path(&f.file), f.line)
-        });
+        let caller = site
+            .caller
+            .as_ref()
+            .map_or(String::new(), |f| format!(" from {}", frame(f)));
         writeln!(
             out,
             "{:>17} {:>17} {:>6.2}% {:>9}  {} ({}:{}){on}{caller}",
@@ -210,9 +211,26 @@ fn lock_note(site: &Site) -> String {
         note += &format!(" on {sym}");
     }
     if site.locks > 1 {
-        note += &format!(" [{} locks]", group(site.locks as u64));
+        let hot = site.shards.as_ref().and_then(|s| s.hot.as_ref());
+        note += &match hot {
+            Some(h) => format!(
+                " [{} locks; hot: {} takes {:.0}%]",
+                group(site.locks as u64),
+                h.symbol.as_deref().unwrap_or(&h.lock),
+                h.share * 100.0
+            ),
+            None => format!(" [{} locks]", group(site.locks as u64)),
+        };
+    }
+    if let Some(c) = &site.caller {
+        note += &format!(" from {}", frame(c));
     }
     note
+}
+
+/// `function (file:line)`, as the tables name a frame.
+fn frame(f: &super::FrameOut) -> String {
+    format!("{} ({}:{})", f.function, short_path(&f.file), f.line)
 }
 
 fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {

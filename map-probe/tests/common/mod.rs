@@ -271,11 +271,17 @@ pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
             String::from_utf8_lossy(&res.stderr)
         );
     }
+    // A fixture with dependencies is a module of its own, built in its folder.
+    let own_module = dir.join("go.mod").exists();
     let mut cmd = Command::new(go.go_binary());
-    cmd.current_dir(root.join("fixtures"))
-        .env("GOTOOLCHAIN", go.gotoolchain())
-        .env("GOFLAGS", "-mod=mod")
-        .stdin(Stdio::null());
+    cmd.current_dir(if own_module {
+        dir.clone()
+    } else {
+        root.join("fixtures")
+    })
+    .env("GOTOOLCHAIN", go.gotoolchain())
+    .env("GOFLAGS", "-mod=mod")
+    .stdin(Stdio::null());
     if std::env::var_os("HOME").is_none() && std::env::var_os("XDG_CACHE_HOME").is_none() {
         cmd.env("GOCACHE", out_dir.join(".gocache"))
             .env("GOPATH", out_dir.join(".gopath"));
@@ -304,7 +310,11 @@ pub fn go_fixture(name: &str, go: GoToolchain, v: Variant) -> PathBuf {
             cmd.arg("-race");
         }
     }
-    cmd.arg(format!("./{name}"));
+    cmd.arg(if own_module {
+        ".".to_string()
+    } else {
+        format!("./{name}")
+    });
     let t0 = Instant::now();
     let res = cmd
         .output()
