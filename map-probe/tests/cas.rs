@@ -253,3 +253,65 @@ fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
         }
     }
 }
+
+/// A lock-free map library (`github.com/puzpuzpuz/xsync/v4`, Go 1.24+):
+/// its bucket-lock waits and its resize CASes are the library's lines, each
+/// led back to the user's call that paid (`caller`).
+#[test]
+fn xsync_waits_and_cas_lead_back_to_the_users_calls() {
+    require_root();
+    let line = |m: &str| common::fixture_line("xsyncmap", m, |l| l.ends_with(m)) as u64;
+    let bin = go_fixture("xsyncmap", GoToolchain::Go126, Variant::Stripped);
+    let fx = start_fixture(&bin, &["-duration", "60s"]);
+    let (out, r) = attach_json(fx.pid(), "xsyncmap", &["--duration", "6"]);
+    let from = |list: &str, user: &str| -> Vec<Value> {
+        r[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["caller"]["function"] == user)
+            .cloned()
+            .collect()
+    };
+    for (user, mark) in [
+        ("main.storeLoop", "// xsync Store"),
+        ("main.computeLoop", "// xsync Compute"),
+    ] {
+        let sites = from("sites", user);
+        assert!(
+            !sites.is_empty(),
+            "no lock site called from {user}: {}",
+            r["sites"]
+        );
+        for s in &sites {
+            assert!(
+                s["function"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("github.com/puzpuzpuz/xsync/v4."),
+                "{s}"
+            );
+            assert_eq!(s["caller"]["line"], line(mark), "{s}");
+        }
+    }
+    let cas = r["cas"].as_array().unwrap();
+    assert!(!cas.is_empty(), "xsync's resize CASes: {r}");
+    for c in cas {
+        assert!(
+            c["function"]
+                .as_str()
+                .unwrap()
+                .starts_with("github.com/puzpuzpuz/xsync/v4."),
+            "{c}"
+        );
+        assert_eq!(
+            c["caller"]["function"]
+                .as_str()
+                .map(|f| f.starts_with("main.")),
+            Some(true),
+            "{c}"
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("from main.storeLoop"), "{text}");
+}
