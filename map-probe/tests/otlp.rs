@@ -671,3 +671,65 @@ fn bad_otlp_settings_are_one_line_errors() {
         "OTLP only",
     );
 }
+
+/// CAS attempts and failures reach the collector as counters per site,
+/// named by the CAS's function, file and line, with the JSON's totals.
+#[test]
+fn cas_attempts_and_failures_are_metrics() {
+    require_root();
+    let col = Collector::start("cas");
+    let bin = common::go_fixture(
+        "casloop",
+        common::GoToolchain::Go126,
+        common::Variant::Plain,
+    );
+    let fixture = common::start_fixture(&bin, &["-writers", "4", "-duration", "60s"]);
+    let json = tmp("otlp-cas.json");
+    let out = Command::new(map_probe_bin())
+        .args(["attach", "--pid", &fixture.pid().to_string()])
+        .args([
+            "--duration",
+            "3",
+            "--interval",
+            "1",
+            "--budget",
+            "unlimited",
+        ])
+        .args(["--no-map-writes", "--otlp-protocol", "grpc"])
+        .args(["--otlp-endpoint", &col.endpoint("grpc"), "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = read_json(&json);
+    let site = &report["cas"][0];
+    let got = col.wait_for(Duration::from_secs(10), |o| {
+        o.points_named("map_probe.cas.failures").next().is_some()
+    });
+    for (name, field) in [
+        ("map_probe.cas.attempts", "attempts"),
+        ("map_probe.cas.failures", "failures"),
+    ] {
+        let points: Vec<_> = got
+            .points_named(name)
+            .filter(|p| p.attrs["code.function.name"] == "main.casAdd")
+            .collect();
+        assert!(!points.is_empty(), "{name}: {got:#?}");
+        for p in &points {
+            assert_eq!(p.attrs["code.line.number"], site["line"], "{name}");
+            assert_eq!(p.item["kind"], "sum", "{name}");
+        }
+        // Cumulative sums: the last point holds the run's total, up to the
+        // JSON's, which is read a moment later.
+        let total = points
+            .iter()
+            .map(|p| nanos(&p.item["point"]["asInt"]))
+            .max()
+            .unwrap();
+        let json = site[field].as_u64().unwrap();
+        assert!(
+            total <= json && total as f64 >= 0.99 * json as f64,
+            "{name}: {total} exported, {json} in the JSON"
+        );
+    }
+}

@@ -151,6 +151,14 @@ pub fn record(p: &mut Pipeline, r: &Report, top: usize, with_spans: bool) -> usi
             }
         }
     }
+    for c in r.cas.iter().take(top) {
+        let mut attrs = code_attrs(&c.function, &c.file, c.line).to_vec();
+        if let Some(caller) = &c.caller {
+            attrs.push(KeyValue::new("map_probe.caller", caller.function.clone()));
+        }
+        ins.cas_attempts.add(c.attempts, &attrs);
+        ins.cas_failures.add(c.failures, &attrs);
+    }
     let pid = r.target.pid;
     for risk in &r.risks {
         let id = risk_id(pid, risk);
@@ -185,6 +193,12 @@ pub fn record(p: &mut Pipeline, r: &Report, top: usize, with_spans: bool) -> usi
         ins.attached.record(
             (m.attached_secs / elapsed).min(1.0),
             &[KeyValue::new("map_probe.probe.purpose", "map_write")],
+        );
+    }
+    if let Some(c) = &r.sampling.cas {
+        ins.attached.record(
+            (c.attached_secs / elapsed).min(1.0),
+            &[KeyValue::new("map_probe.probe.purpose", "cas")],
         );
     }
     spans

@@ -102,6 +102,8 @@ pub struct Instruments {
     pub waits: Counter<u64>,
     pub wait_time: Histogram<f64>,
     pub risks: Counter<u64>,
+    pub cas_attempts: Counter<u64>,
+    pub cas_failures: Counter<u64>,
     pub drops: Counter<u64>,
     pub attached: Gauge<f64>,
 }
@@ -196,6 +198,16 @@ impl Pipeline {
                 .u64_counter("map_probe.concurrent_write.risks")
                 .with_unit("{risk}")
                 .with_description("Concurrent writes to a plain map: overlapping writers seen, or the fatal error")
+                .build(),
+            cas_attempts: meter
+                .u64_counter("map_probe.cas.attempts")
+                .with_unit("{attempt}")
+                .with_description("Compare-and-swap instructions executed at a site (estimated: measured ones scaled by elapsed/attached time)")
+                .build(),
+            cas_failures: meter
+                .u64_counter("map_probe.cas.failures")
+                .with_unit("{attempt}")
+                .with_description("Compare-and-swaps that failed at a site, each a retry of the loop around it (estimated)")
                 .build(),
             drops: meter
                 .u64_counter("map_probe.drops")
