@@ -18,7 +18,7 @@ use map_probe_common::{
 use crate::{
     catalog::{Kind, Plan, Point, Purpose},
     gobin::{Frame, GoBinary},
-    report::{CasSite, FalseSharing, FrameOut, SharedWord},
+    report::{CasSite, CasStack, FalseSharing, FrameOut, SharedWord},
     sites,
     symbolize::Symbolizer,
 };
@@ -249,6 +249,7 @@ struct Word {
 pub struct Built {
     pub sites: Vec<CasSite>,
     pub false_sharing: Vec<FalseSharing>,
+    pub stacks: Vec<CasStack>,
 }
 
 /// The report's CAS sites and false-sharing suspects from `raw`, counts
@@ -273,7 +274,8 @@ pub fn build(
     struct Acc {
         attempts: u64,
         failures: u64,
-        stacks: Vec<(u64, i32, u64)>,
+        /// (attempts, failures, stack id, caller), busiest first.
+        stacks: Vec<(u64, u64, i32, u64)>,
         words: HashMap<u64, u64>,
     }
     let mut acc: HashMap<u32, Acc> = HashMap::new();
@@ -286,7 +288,8 @@ pub fn build(
         });
         a.attempts += v.attempts;
         a.failures += v.failures;
-        a.stacks.push((v.attempts, k.stack_id, k.caller));
+        a.stacks
+            .push((v.attempts, v.failures, k.stack_id, k.caller));
     }
     let mut words: HashMap<u64, Word> = HashMap::new();
     for (k, per_cpu) in &raw.addrs {
@@ -314,27 +317,33 @@ pub fn build(
         }
     }
     let mut out = Vec::new();
+    let mut cas_stacks = Vec::new();
+    let est = |n: u64| (n as f64 * scale).round() as u64;
     for (point, a) in &mut acc {
         let Some(p) = plan.points.get(*point as usize) else {
             continue;
         };
         a.stacks.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
-        // The busiest stack, its innermost frames replaced by the CAS's own
+        // Each stack with its innermost frames replaced by the CAS's own
         // (the trap is on the instruction after it, maybe another line).
-        let stack: Vec<FrameOut> = {
-            let (pcs, _) = a
-                .stacks
-                .first()
-                .map(|&(_, id, caller)| probes.stack_at_entry(id, caller))
-                .unwrap_or_default();
+        for &(attempts, failures, id, caller) in &a.stacks {
+            let (pcs, _) = probes.stack_at_entry(id, caller);
             let mut frames: Vec<FrameOut> = p.frames.iter().map(FrameOut::from).collect();
             frames.extend(
                 sym.stack(pcs.get(1..).unwrap_or(&[]), false)
                     .iter()
                     .map(FrameOut::from),
             );
-            frames
-        };
+            cas_stacks.push(CasStack {
+                frames,
+                attempts: est(attempts),
+                failures: est(failures),
+            });
+        }
+        let stack = cas_stacks
+            .get(cas_stacks.len() - a.stacks.len())
+            .map(|s| s.frames.clone())
+            .unwrap_or_default();
         let at = stack
             .iter()
             .find(|f| !f.function.starts_with("sync/atomic."))
@@ -346,7 +355,6 @@ pub fn build(
             .iter()
             .max_by_key(|(addr, n)| (**n, **addr))
             .map_or((None, 0), |(addr, n)| (Some(*addr), *n));
-        let est = |n: u64| (n as f64 * scale).round() as u64;
         out.push(CasSite {
             function: at.function.clone(),
             file: at.file.clone(),
@@ -386,6 +394,7 @@ pub fn build(
     Built {
         sites: out,
         false_sharing,
+        stacks: cas_stacks,
     }
 }
 

@@ -741,6 +741,7 @@ impl Observation {
             risks: s.risks,
             cas: built.sites,
             false_sharing: built.false_sharing,
+            cas_stacks: built.stacks,
             stacks,
         }
     }
@@ -750,6 +751,7 @@ impl Observation {
         let none = cas::Built {
             sites: Vec::new(),
             false_sharing: Vec::new(),
+            stacks: Vec::new(),
         };
         let Some(plan) = &self.plans.cas else {
             return (None, none);

@@ -315,3 +315,62 @@ fn xsync_waits_and_cas_lead_back_to_the_users_calls() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("from main.storeLoop"), "{text}");
 }
+
+/// CAS failures as a flamegraph weight (`--weight cas-failures`: the folded
+/// towers add up to the failures in the JSON) and as a third pprof sample
+/// type, which the real `go tool pprof` ranks under the CAS's function.
+#[test]
+fn cas_failures_weigh_flamegraphs_and_pprof() {
+    require_root();
+    let bin = go_fixture("casloop", GoToolchain::Go126, Variant::Stripped);
+    let fx = start_fixture(&bin, &["-writers", "4", "-duration", "60s"]);
+    let folded = common::tmp("cas.folded");
+    let pprof = common::tmp("cas.pb.gz");
+    let (_, r) = attach_json(
+        fx.pid(),
+        "cas-weights",
+        &[
+            "--duration",
+            "3",
+            "--budget",
+            "unlimited",
+            "--no-map-writes",
+            "--weight",
+            "cas-failures",
+            "--folded",
+            folded.to_str().unwrap(),
+            "--pprof",
+            pprof.to_str().unwrap(),
+        ],
+    );
+    let failures = r["cas"][0]["failures"].as_u64().unwrap();
+    assert!(failures > 0, "{}", r["cas"]);
+    let text = std::fs::read_to_string(&folded).unwrap();
+    let mut sum = 0;
+    for l in text.lines() {
+        assert!(l.contains("main.casAdd") && l.contains("[cas]"), "{l}");
+        sum += l.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+    }
+    assert_eq!(sum, failures, "{text}");
+    let out = std::process::Command::new("/usr/local/go/bin/go")
+        .args(["tool", "pprof", "-top", "-sample_index=cas_failures"])
+        .arg(&pprof)
+        .output()
+        .expect("run go tool pprof");
+    let top = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(top.contains("Type: cas_failures"), "{top}");
+    let row = top
+        .lines()
+        .find(|l| l.ends_with("main.casAdd"))
+        .unwrap_or_else(|| panic!("main.casAdd in {top}"));
+    assert_eq!(
+        row.split_whitespace().next(),
+        Some(failures.to_string().as_str()),
+        "flat failures of casAdd: {top}"
+    );
+}

@@ -7,7 +7,7 @@ use inferno::flamegraph::{self, Options};
 
 use super::{
     format::{secs, short_path},
-    Report,
+    FrameOut, Report,
 };
 
 /// What a tower's width counts (`--weight`).
@@ -18,34 +18,44 @@ pub enum Weight {
     Waits,
     /// Estimated time waited, in nanoseconds.
     Delay,
-}
-
-impl Weight {
-    fn of(self, s: &super::StackCount) -> u64 {
-        match self {
-            Weight::Waits => s.count,
-            Weight::Delay => s.delay_ns,
-        }
-    }
+    /// Estimated failed compare-and-swaps (CAS retries), by the CAS's stack.
+    CasFailures,
 }
 
 /// Folded stacks (`root;...;leaf weight`), the format flamegraph tools share.
 pub fn folded(report: &Report, weight: Weight) -> Vec<String> {
-    report
-        .stacks
-        .iter()
-        .filter(|s| weight.of(s) > 0)
-        .map(|s| {
-            let mut parts: Vec<String> = s
-                .frames
+    let towers: Vec<(&[FrameOut], &str, u64)> = match weight {
+        Weight::Waits | Weight::Delay => report
+            .stacks
+            .iter()
+            .map(|s| {
+                let w = if weight == Weight::Waits {
+                    s.count
+                } else {
+                    s.delay_ns
+                };
+                (&s.frames[..], s.kind.as_str(), w)
+            })
+            .collect(),
+        Weight::CasFailures => report
+            .cas_stacks
+            .iter()
+            .map(|s| (&s.frames[..], "cas", s.failures))
+            .collect(),
+    };
+    towers
+        .into_iter()
+        .filter(|&(_, _, w)| w > 0)
+        .map(|(frames, kind, w)| {
+            let mut parts: Vec<String> = frames
                 .iter()
                 .rev()
                 .map(|f| {
                     format!("{} {}:{}", f.function, short_path(&f.file), f.line).replace(';', ":")
                 })
                 .collect();
-            parts.push(format!("[{}]", s.kind.as_str()));
-            format!("{} {}", parts.join(";"), weight.of(s))
+            parts.push(format!("[{kind}]"));
+            format!("{} {w}", parts.join(";"))
         })
         .collect()
 }
@@ -59,8 +69,13 @@ pub fn render_folded(report: &Report, weight: Weight) -> Vec<u8> {
 pub fn render_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     let lines = folded(report, weight);
     let mut opts = Options::default();
+    let what = if weight == Weight::CasFailures {
+        "CAS retries"
+    } else {
+        "Lock contention"
+    };
     opts.title = format!(
-        "Lock contention: pid {} {} ({}), {:.1} s",
+        "{what}: pid {} {} ({}), {:.1} s",
         report.target.pid,
         report.target.exe,
         report.target.go_version,
@@ -69,12 +84,17 @@ pub fn render_svg(report: &Report, weight: Weight) -> Result<Vec<u8>> {
     let (what, unit) = match weight {
         Weight::Waits => ("waits", "waits"),
         Weight::Delay => ("time waited", "ns waited"),
+        Weight::CasFailures => ("failed CAS", "failed CAS"),
+    };
+    let s = &report.sampling;
+    let (attached, windows, scale) = match (&s.cas, weight) {
+        (Some(c), Weight::CasFailures) => (c.attached_secs, c.windows, c.scale),
+        _ => (s.attached_secs, s.windows, s.scale),
     };
     opts.subtitle = Some(format!(
-        "{what} seen by map-probe, probes attached {} in {} window(s), counts x{:.2}",
-        secs(report.sampling.attached_secs),
-        report.sampling.windows,
-        report.sampling.scale
+        "{what} seen by map-probe, probes attached {} in {} window(s), counts x{scale:.2}",
+        secs(attached),
+        windows,
     ));
     opts.count_name = unit.into();
     opts.name_type = "Frame:".into();

@@ -321,6 +321,15 @@ pub struct ProbeOut {
     pub raw_hits: u64,
 }
 
+/// One CAS stack (innermost first, the CAS's own frames leading) with its
+/// estimated attempts and failures: a tower of `--weight cas-failures`.
+#[derive(Debug, Clone)]
+pub struct CasStack {
+    pub frames: Vec<FrameOut>,
+    pub attempts: u64,
+    pub failures: u64,
+}
+
 /// A whole stack (innermost first) with its scaled count: one flamegraph tower.
 #[derive(Debug, Clone)]
 pub struct StackCount {
@@ -345,6 +354,9 @@ pub struct Report {
     /// Compare-and-swap sites, most failures first.
     pub cas: Vec<CasSite>,
     pub false_sharing: Vec<FalseSharing>,
+    /// Every CAS stack, for flamegraphs and pprof.
+    #[serde(skip)]
+    pub cas_stacks: Vec<CasStack>,
     /// Every stack with its scaled count, for flamegraphs.
     #[serde(skip)]
     pub stacks: Vec<StackCount>,
@@ -432,6 +444,7 @@ pub(crate) mod tests {
             risks: Vec::new(),
             cas: Vec::new(),
             false_sharing: Vec::new(),
+            cas_stacks: Vec::new(),
             stacks,
         }
     }

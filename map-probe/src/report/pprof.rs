@@ -20,7 +20,7 @@ use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
 use super::{
-    profile::{self, CONTENTIONS, DELAY, KIND_KEY},
+    profile::{self, CAS_FAILURES, CONTENTIONS, DELAY, KIND_KEY},
     Report,
 };
 
@@ -136,12 +136,22 @@ pub struct Function {
 
 /// The profile message (not yet encoded), for tests and for `render`.
 pub fn profile(report: &Report) -> Profile {
-    let mut t = profile::build(report);
+    // Go's mutex profile has two sample types; a third, only where CAS
+    // failures were seen, keeps `-diff_base` against it working otherwise.
+    let with_cas = report.cas_stacks.iter().any(|s| s.failures > 0);
+    let mut t = if with_cas {
+        profile::build_with_cas(report)
+    } else {
+        profile::build(report)
+    };
     let mut vt = |(ty, unit): (&str, &str)| ValueType {
         r#type: t.strings.intern(ty) as i64,
         unit: t.strings.intern(unit) as i64,
     };
-    let sample_type = vec![vt(CONTENTIONS), vt(DELAY)];
+    let mut sample_type = vec![vt(CONTENTIONS), vt(DELAY)];
+    if with_cas {
+        sample_type.push(vt(CAS_FAILURES));
+    }
     let period_type = Some(vt(CONTENTIONS));
     let kind_key = t.strings.intern(KIND_KEY) as i64;
     let sample = t
@@ -149,7 +159,11 @@ pub fn profile(report: &Report) -> Profile {
         .iter()
         .map(|s| Sample {
             location_id: s.locations.iter().map(|&l| l as u64).collect(),
-            value: vec![s.contentions, s.delay_ns],
+            value: if with_cas {
+                vec![s.contentions, s.delay_ns, s.cas_failures]
+            } else {
+                vec![s.contentions, s.delay_ns]
+            },
             label: vec![Label {
                 key: kind_key,
                 str: t.strings.intern(s.kind.as_str()) as i64,

@@ -16,6 +16,8 @@ use crate::catalog::Kind;
 
 /// The sample types, as Go's own mutex profile names them.
 pub const CONTENTIONS: (&str, &str) = ("contentions", "count");
+/// The third sample type of a pprof file where CAS failures were seen.
+pub const CAS_FAILURES: (&str, &str) = ("cas_failures", "count");
 pub const DELAY: (&str, &str) = ("delay", "nanoseconds");
 /// The sample label (pprof) and attribute (OTLP) carrying the lock kind.
 pub const KIND_KEY: &str = "lock.kind";
@@ -71,6 +73,8 @@ pub struct Sample {
     /// Estimated waits and estimated total wait, scaled as in the report.
     pub contentions: i64,
     pub delay_ns: i64,
+    /// Estimated failed CASes (CAS samples, `build_with_cas` only).
+    pub cas_failures: i64,
 }
 
 #[derive(Debug)]
@@ -83,6 +87,16 @@ pub struct Tables {
 
 /// One sample per stack with waits, over interned tables.
 pub fn build(report: &Report) -> Tables {
+    build_with(report, false)
+}
+
+/// `build`, plus one sample per CAS stack that failed (its waits and delay
+/// zero), kind `cas`.
+pub fn build_with_cas(report: &Report) -> Tables {
+    build_with(report, true)
+}
+
+fn build_with(report: &Report, cas: bool) -> Tables {
     let mut t = Tables {
         strings: Strings::new(),
         functions: vec![Function::default()],
@@ -91,16 +105,26 @@ pub fn build(report: &Report) -> Tables {
     };
     let mut functions: HashMap<Function, usize> = HashMap::new();
     let mut locations: HashMap<Vec<Line>, usize> = HashMap::new();
-    for s in report.stacks.iter().filter(|s| s.count > 0) {
+    let lock_samples = report
+        .stacks
+        .iter()
+        .filter(|s| s.count > 0)
+        .map(|s| (&s.frames[..], s.kind, s.count, s.delay_ns, 0));
+    let cas_samples = report
+        .cas_stacks
+        .iter()
+        .filter(|s| cas && s.failures > 0)
+        .map(|s| (&s.frames[..], Kind::Cas, 0, 0, s.failures));
+    for (frames, kind, count, delay_ns, cas_failures) in lock_samples.chain(cas_samples) {
         let mut ids = Vec::new();
         let mut lines = Vec::new();
-        for (i, f) in s.frames.iter().enumerate() {
+        for (i, f) in frames.iter().enumerate() {
             lines.push(Line {
                 function: function(&mut t, &mut functions, f),
                 line: i64::from(f.line),
             });
             // A frame not inlined ends a location (so does the outermost one).
-            if !f.inlined || i + 1 == s.frames.len() {
+            if !f.inlined || i + 1 == frames.len() {
                 let key = std::mem::take(&mut lines);
                 let id = *locations.entry(key.clone()).or_insert_with(|| {
                     t.locations.push(Location { lines: key });
@@ -111,9 +135,10 @@ pub fn build(report: &Report) -> Tables {
         }
         t.samples.push(Sample {
             locations: ids,
-            kind: s.kind,
-            contentions: i64::try_from(s.count).unwrap_or(i64::MAX),
-            delay_ns: i64::try_from(s.delay_ns).unwrap_or(i64::MAX),
+            kind,
+            contentions: i64::try_from(count).unwrap_or(i64::MAX),
+            delay_ns: i64::try_from(delay_ns).unwrap_or(i64::MAX),
+            cas_failures: i64::try_from(cas_failures).unwrap_or(i64::MAX),
         });
     }
     t
