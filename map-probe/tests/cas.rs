@@ -26,7 +26,7 @@ fn the_site<'a>(r: &'a Value, what: &str) -> &'a Value {
     let cas = r["cas"].as_array().unwrap();
     assert_eq!(cas.len(), 1, "{what}: one CAS site in casloop: {cas:?}");
     let s = &cas[0];
-    let line = common::fixture_line("casloop", "the CAS", |l| l.ends_with("// CAS site"));
+    let line = common::marker_line("casloop", "// CAS site");
     assert_eq!(s["function"], "main.casAdd", "{what}: {s}");
     assert_eq!(s["line"], line, "{what}: {s}");
     assert!(
@@ -172,7 +172,7 @@ fn cas_counts_at_the_default_budget_are_scaled_estimates() {
 #[test]
 fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
     require_root();
-    let line = |m: &str| common::fixture_line("falseshare", m, |l| l.ends_with(m)) as u64;
+    let line = |m: &str| common::marker_line("falseshare", m);
     for go in [GoToolchain::Go119, GoToolchain::Go126] {
         let bin = go_fixture("falseshare", go, Variant::Plain);
         let bench = std::process::Command::new(&bin)
@@ -260,7 +260,7 @@ fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
 #[test]
 fn xsync_waits_and_cas_lead_back_to_the_users_calls() {
     require_root();
-    let line = |m: &str| common::fixture_line("xsyncmap", m, |l| l.ends_with(m)) as u64;
+    let line = |m: &str| common::marker_line("xsyncmap", m);
     let bin = go_fixture("xsyncmap", GoToolchain::Go126, Variant::Stripped);
     let fx = start_fixture(&bin, &["-duration", "60s"]);
     let (out, r) = attach_json(fx.pid(), "xsyncmap", &["--duration", "6"]);

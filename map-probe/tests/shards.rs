@@ -9,7 +9,7 @@ use common::{attach_json, go_fixture, require_root, start_fixture, GoToolchain, 
 use serde_json::Value;
 
 fn marker(what: &str) -> u64 {
-    common::fixture_line("shardmap", what, |l| l.ends_with(what)) as u64
+    common::marker_line("shardmap", what)
 }
 
 /// The concurrent-map site whose caller is `user` (setLoop or upsertLoop).

@@ -68,6 +68,16 @@ const MODES: &[Mode] = &[Mode {
     script: "session.lua",
     script_args: &[],
     probe_args: &[],
+}, Mode {
+    name: "cas",
+    about: "default probes on fixtures/casservice /hit (HTTP service whose statistics are CAS loops: CAS probes in scope)",
+    fixture: "casservice",
+    fixture_args: &["-addr", "127.0.0.1:0"],
+    ready_prefix: "listening ",
+    url_path: "/hit",
+    script: "cas.lua",
+    script_args: &[],
+    probe_args: &[],
 }];
 
 const USAGE: &str = "usage: cargo xtask bench [options]

@@ -182,6 +182,12 @@ pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The line of `fixtures/<fixture>/main.go` that ends with `marker` (a
+/// comment the fixture puts on the line a test looks for).
+pub fn marker_line(fixture: &str, marker: &str) -> u64 {
+    u64::from(fixture_line(fixture, marker, |l| l.ends_with(marker)))
+}
+
 /// The number of the one line of `fixtures/<fixture>/main.go` that `pick` accepts.
 pub fn fixture_line(fixture: &str, what: &str, pick: impl Fn(&str) -> bool) -> u32 {
     let src = std::fs::read_to_string(workspace_root().join(format!("fixtures/{fixture}/main.go")))
