@@ -229,6 +229,10 @@ impl Raw {
     }
 }
 
+/// Traps taking this share of a CPU while the CAS probes are in slow the
+/// loops they count, and the scaled estimates read low (`probe_bound`).
+pub const PROBE_BOUND_CPU: f64 = 0.05;
+
 /// Below this many estimated writes a second, a word is not hot enough to
 /// be worth padding, and its few raw samples say little about who wrote it.
 const HOT_WRITES_PER_SEC: f64 = 1000.0;

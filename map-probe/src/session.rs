@@ -778,13 +778,22 @@ impl Observation {
             scale,
             s.elapsed.as_secs_f64(),
         );
+        let raw_hits = s.stats[stat::CAS_HITS as usize];
+        let trap = self.probes.trap_cost.map_or(
+            FALLBACK_HIT_COST_US / 1e6 / f64::from(crate::calibrate::HIT_COST_PER_TRAP),
+            |t| t.as_secs_f64(),
+        );
+        let probe_bound = governed
+            && !attached.is_zero()
+            && raw_hits as f64 * trap / attached.as_secs_f64() >= cas::PROBE_BOUND_CPU;
         let sampling = CasSampling {
             points: plan.points.len(),
             scope: plan.scope.clone(),
             attached_secs: attached.as_secs_f64(),
             windows: *windows,
-            raw_hits: s.stats[stat::CAS_HITS as usize],
+            raw_hits,
             raw_failures: s.stats[stat::CAS_FAILS as usize],
+            probe_bound,
             scale,
             budget_cpu_percent: set.gov.config().budget.map(|b| b * 100.0),
         };

@@ -108,6 +108,11 @@ pub struct CasSampling {
     /// Counts in `cas` are raw counts times this (elapsed / attached).
     pub scale: f64,
     pub budget_cpu_percent: Option<f64>,
+    /// The CAS traps took at least `cas::PROBE_BOUND_CPU` of a CPU while
+    /// attached (raw hits × the trap measured at start, over the attached
+    /// time): the loops ran slower inside the windows than between them,
+    /// so the scaled estimates are lower bounds (failure ratios still hold).
+    pub probe_bound: bool,
 }
 
 /// One compare-and-swap instruction in the code in scope, with how often it

@@ -137,6 +137,12 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
             site.line,
         )?;
     }
+    if c.probe_bound {
+        writeln!(
+            out,
+            "     (the CAS probes' own traps slowed these loops inside their windows: the estimates are lower bounds; FAIL% holds)"
+        )?;
+    }
     for fs in &report.false_sharing {
         let words: Vec<String> = fs
             .words
