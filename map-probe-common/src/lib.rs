@@ -84,17 +84,13 @@ pub mod stat {
     pub const TIER_HITS: u32 = 16;
     /// A hit of an `_ip` program at an address with no cookie recorded.
     pub const NO_POINT: u32 = 30;
-    /// A map-write entry hit while its window's link was still being
-    /// planted or already being removed: counted, not watched (its RET may
-    /// not be live, and a write left "inside" would read as an overlap).
-    pub const MAP_UNWATCHED: u32 = 31;
     /// Hits of the CAS probes (one per compare-and-swap executed while a
     /// window is open), and those whose CAS failed (ZF clear).
-    pub const CAS_HITS: u32 = 32;
-    pub const CAS_FAILS: u32 = 33;
+    pub const CAS_HITS: u32 = 31;
+    pub const CAS_FAILS: u32 = 32;
     /// A CAS hit counted only in the totals: its site or address table was full.
-    pub const CAS_FULL: u32 = 34;
-    pub const COUNT: u32 = 35;
+    pub const CAS_FULL: u32 = 33;
+    pub const COUNT: u32 = 34;
 }
 
 /// The per-CPU counters, in one map entry so the agent reads them all in one
@@ -123,10 +119,6 @@ pub struct Control {
     /// wait remembered from before it ended unseen (its RET fell in a gap),
     /// so a later RET of the same goroutine is not its end.
     pub lock_since_ns: [u64; LOCK_TIERS],
-    /// 1 while the map-write window's every point (entries and RETs) is
-    /// planted: the agent sets it once the link exists and clears it before
-    /// the link goes, so the kernel's planting order does not matter.
-    pub map_live: u64,
 }
 
 /// One call of a map write: the goroutine (`g`, R14) and how deep in its

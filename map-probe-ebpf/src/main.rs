@@ -502,11 +502,7 @@ fn map_write_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<
         map_write_ended(g, regs.rsp);
     } else {
         bump(stat::MAP_HITS);
-        if map_live() {
-            map_write_started(&ctx, cookie as u32, regs.rbx, regs.rsp, g);
-        } else {
-            bump(stat::MAP_UNWATCHED);
-        }
+        map_write_started(&ctx, cookie as u32, regs.rbx, regs.rsp, g);
     }
     0
 }
@@ -524,11 +520,6 @@ fn depth(g: u64, sp: u64) -> u64 {
 #[inline(always)]
 fn generation() -> u64 {
     CONTROL.get(0).map_or(0, |c| c.generation)
-}
-
-#[inline(always)]
-fn map_live() -> bool {
-    CONTROL.get(0).is_some_and(|c| c.map_live != 0)
 }
 
 #[inline(always)]

@@ -429,22 +429,26 @@ impl Probes {
             return Ok(t.elapsed());
         };
         let (entries, rets) = (set.entries.clone(), set.rets.clone());
+        // Map writes plant their RETs first: an entry seen before its RET is
+        // live would leave a write "inside" until the window closes, and two
+        // of those read as an overlap. Lock waits plant their entries first:
+        // an entry on a CALL planted after the end probe on the instruction
+        // behind it was lost for the whole run (planted, read back as 0xCC,
+        // yet never reaching the program) in 4 runs of 10 at 10,000 sites,
+        // and in none of 29 the other way round; the kernel's reason was not
+        // found. A wait entered before its end probe is live is counted,
+        // only not timed.
+        let rets_first = purpose != Purpose::LockWait;
         // uprobe_multi plants a link's points in the order given and takes
-        // them out in the same order, so entries-then-ends fit one link,
-        // which pays the kernel's cost of a link once (5-18 ms here under
-        // load, while what is planted already traps) and is removed by its
-        // closer child without waiting here. A lock window needs its entries
-        // first: an entry on a CALL planted after the end probe on the
-        // instruction behind it was lost for the whole run (planted, read
-        // back as 0xCC, yet never reaching the program) in 4 runs of 10 at
-        // 10,000 sites, and in none of 29 the other way round; the kernel's
-        // reason was not found. A wait entered before its end probe is live
-        // is counted, only not timed. A map write entered before its RET is
-        // live would stay "inside" and read as an overlap, so map-write
-        // entries are watched only between the link's creation and its
-        // removal (`Control::map_live`), whatever the kernel is planting.
-        if self.mode == UprobeMode::Multi {
-            let ends = (ends || purpose == Purpose::MapWrite) && !rets.is_empty();
+        // them out in the same order, so a lock window's entries-then-ends
+        // fit one link, which pays the kernel's cost of a link once (5-10 ms
+        // here under load, while what is planted already traps) and is
+        // removed by its closer child without waiting here. Map writes need
+        // the other order on the way in only: in one link, their entries
+        // outlived the RETs on the way out, 2,700-3,700 hits a window at
+        // ~130k writes/s against 1,000-2,100 with two links.
+        if self.mode == UprobeMode::Multi && !rets_first {
+            let ends = ends && !rets.is_empty();
             let mut all = Vec::with_capacity(entries.len() + rets.len());
             all.extend_from_slice(&entries);
             all.extend(rets.iter().copied().filter(|_| ends));
@@ -456,14 +460,8 @@ impl Probes {
                 set.entry_link = Some(link);
                 set.ends_since = ends.then(Instant::now);
             }
-            if purpose == Purpose::MapWrite {
-                self.set_map_live(true)?;
-            }
             return Ok(t.elapsed());
         }
-        // One perf event per point: map writes plant their RETs first, so
-        // that the RETs' planting is not paid for twice.
-        let rets_first = purpose != Purpose::LockWait;
         if rets_first {
             self.attach_rets(slot, &rets)?;
         }
@@ -488,19 +486,7 @@ impl Probes {
                 return Err(e);
             }
         }
-        if purpose == Purpose::MapWrite {
-            self.set_map_live(true)?;
-        }
         Ok(t.elapsed())
-    }
-
-    /// Starts or stops watching map-write entries (`Control::map_live`).
-    fn set_map_live(&mut self, live: bool) -> Result<()> {
-        self.control.map_live = u64::from(live);
-        let control = self.control;
-        let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
-        ctl.set(0, &control, 0)?;
-        Ok(())
     }
 
     /// Plants the RET link of `slot` (none when it has no RETs).
@@ -518,21 +504,15 @@ impl Probes {
     }
 
     /// Entries out first, then RETs (the reverse of `attach`), so calls that
-    /// entered still get their end seen: one uprobe_multi link is taken out
-    /// in its array order, entries first. With one perf event per point, the
-    /// kernel takes a link's breakpoints out at once and then waits ~100 ms
-    /// for in-flight hits, so the RETs go as soon as the entries'
-    /// breakpoints are seen gone from the target's text and do not trap
-    /// through that wait (20 RET hits for every entry seen, measured on
-    /// caddy at ~40k map writes/s). Map-write entries stop being watched
-    /// before anything is taken out.
+    /// entered still get their end seen. The kernel takes a link's
+    /// breakpoints out at once and then waits ~100 ms for in-flight hits; the
+    /// RET link goes as soon as the entries' breakpoints are seen gone from
+    /// the target's text, so the RETs do not trap through that wait (20 RET
+    /// hits for every entry seen, measured on caddy at ~40k map writes/s).
     pub fn detach(&mut self, slot: impl Into<Slot>) -> Result<Duration> {
         let slot = slot.into();
         let purpose = slot.purpose;
         let t = Instant::now();
-        if purpose == Purpose::MapWrite && self.control.map_live != 0 {
-            self.set_map_live(false)?;
-        }
         let Some(set) = self.set(slot) else {
             return Ok(t.elapsed());
         };

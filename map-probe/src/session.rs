@@ -663,8 +663,6 @@ impl Observation {
                 windows: *windows,
                 raw_hits: s.stats[stat::MAP_HITS as usize],
                 raw_ret_hits: s.stats[stat::MAP_RET_HITS as usize],
-                watched: s.stats[stat::MAP_HITS as usize]
-                    .saturating_sub(s.stats[stat::MAP_UNWATCHED as usize]),
                 budget_cpu_percent: set.gov.config().budget.map(|b| b * 100.0),
                 window_ms: set.gov.config().window.as_millis() as u64,
                 last_rate_per_sec: set.gov.last_rate,

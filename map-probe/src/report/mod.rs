@@ -186,10 +186,6 @@ pub struct MapSampling {
     pub windows: u32,
     pub raw_hits: u64,
     pub raw_ret_hits: u64,
-    /// Entry hits watched for a second writer: those that landed while the
-    /// window's every point was planted (the rest came while its link was
-    /// being planted or removed).
-    pub watched: u64,
     /// The map-write probes' share of `--budget`.
     pub budget_cpu_percent: Option<f64>,
     pub window_ms: u64,

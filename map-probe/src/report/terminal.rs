@@ -246,7 +246,7 @@ fn risks(report: &Report, out: &mut impl Write) -> io::Result<()> {
             writeln!(
                 out,
                 "\nconcurrent-write risks: none seen ({} map writes watched in {} window(s), {})",
-                m.watched,
+                m.raw_hits,
                 m.windows,
                 secs(m.attached_secs)
             )?;
