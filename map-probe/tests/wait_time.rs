@@ -129,17 +129,11 @@ fn sites_name_their_lock() {
     for go in [GoToolchain::Go119, GoToolchain::Go126] {
         for variant in [Variant::Plain, Variant::Pie, Variant::Stripped] {
             let bin = go_fixture("contended", go, variant);
-            let fx = start_fixture(&bin, &["-duration", "12s"]);
-            // A budget of 2% of a CPU: at the default 0.5% a site in a
-            // windowed tier is timed in one window of eight, and some 6 s
-            // runs timed none of its waits (readConfig, Go 1.19 stripped:
-            // 0 of 52 in a full run on 2026-12-04; writeConfig in a CI run
-            // of 2026-12-02), leaving its histogram empty. Naming the lock
-            // does not depend on the budget.
+            let fx = start_fixture(&bin, &["-duration", "20s"]);
             let (_, r) = attach_json(
                 fx.pid(),
                 &format!("locks-{go:?}-{variant:?}"),
-                &["--duration", "6", "--budget", "2"],
+                &["--duration", "6"],
             );
             let what = format!("{go:?} {variant:?}");
             let mut addrs = Vec::new();
@@ -158,9 +152,36 @@ fn sites_name_their_lock() {
                     Variant::Stripped => assert!(s["lock_symbol"].is_null(), "{what}: {s}"),
                     _ => assert_eq!(s["lock_symbol"], global, "{what}: {s}"),
                 }
+                // Go 1.19's RLock parks through the semaphore function every
+                // Mutex wait uses, so the reader site ends at RETs that sit
+                // in the hottest site's tier: at the default budget it is
+                // timed only while both tiers are in, and a 6 s run can time
+                // none of its waits (0 of 46 and 0 of 52 in two full runs on
+                // 2026-12-04, at 0.5% and 2%). Its timing is checked below
+                // with every probe in.
+                if !(go == GoToolchain::Go119 && f == "main.readConfig") {
+                    assert!(
+                        !s["wait"]["hist"].as_array().unwrap().is_empty(),
+                        "{what}: {s}"
+                    );
+                }
+            }
+            if go == GoToolchain::Go119 {
+                let (_, all) = attach_json(
+                    fx.pid(),
+                    &format!("locks-all-{go:?}-{variant:?}"),
+                    &[
+                        "--duration",
+                        "3",
+                        "--budget",
+                        "unlimited",
+                        "--no-map-writes",
+                    ],
+                );
+                let s = site(&all, "main.readConfig");
                 assert!(
                     !s["wait"]["hist"].as_array().unwrap().is_empty(),
-                    "{what}: {s}"
+                    "{what}, every probe in: {s}"
                 );
             }
             assert_eq!(site(&r, "main.readConfig")["kind"], "rwmutex-read");
