@@ -63,16 +63,21 @@ fn a_hot_shard_is_named_and_uniform_load_names_none() {
         ] {
             let s = site_called_from(&r, user, &what);
             assert_eq!(s["caller"]["line"], marker(mark), "{what}: {s}");
-            let shards = &s["shards"];
-            assert_eq!(
-                shards["hot"]["lock"],
-                hot.as_str(),
-                "{what}: {user}: {shards}"
-            );
-            assert!(
-                shards["hot"]["share"].as_f64().unwrap() >= 0.5,
-                "{what}: {shards}"
-            );
+            // Every wait of a site may fall on the hot shard (one lock seen,
+            // no spread to report: Go 1.19's Upsert in one run); else the
+            // spread names it.
+            if s["locks"] != 1 {
+                let shards = &s["shards"];
+                assert_eq!(
+                    shards["hot"]["lock"],
+                    hot.as_str(),
+                    "{what}: {user}: {shards}"
+                );
+                assert!(
+                    shards["hot"]["share"].as_f64().unwrap() >= 0.5,
+                    "{what}: {shards}"
+                );
+            }
             assert_eq!(s["lock"], hot.as_str(), "{what}: {s}");
         }
         // At the default budget: the lock waited on most is the hot one.
