@@ -263,11 +263,11 @@ pub fn build(
     plan: &CasPlan,
     probes: &crate::probes::Probes,
     target: &crate::target::Target,
+    sym: &mut Symbolizer,
     scale: f64,
     elapsed_secs: f64,
 ) -> Built {
     let (bias, main_module) = (target.bias, target.bin.main_module());
-    let sym = &mut Symbolizer::new(&target.bin, bias);
     let addr_of = |k: &CasAddrKey| -> u64 {
         match plan.points.get(k.point as usize).and_then(|p| p.absolute) {
             Some(a) if k.addr == 0 => a.wrapping_add(bias),

@@ -642,7 +642,7 @@ impl Observation {
         self.mark.unix_nanos.saturating_sub(since)
     }
 
-    fn build(&self, s: Span) -> Report {
+    fn build(&self, mut s: Span) -> Report {
         let target = &self.target;
         let (sites, stacks, incomplete) = sites::build_sites(
             s.raw,
@@ -669,7 +669,7 @@ impl Observation {
                 unmatched_rets: s.stats[stat::MAP_RET_UNMATCHED as usize],
                 overlap_candidates: s.stats[stat::OVERLAP_CANDIDATES as usize],
             });
-        let (cas_sampling, built) = self.build_cas(&s);
+        let (cas_sampling, built) = self.build_cas(&mut s);
         let mut drops = totals.drops;
         drops.stack_incomplete = incomplete;
         let mut points = [0usize; LOCK_TIERS];
@@ -745,7 +745,7 @@ impl Observation {
     }
 
     /// The CAS probes' sampling and sites (none without a CAS plan).
-    fn build_cas(&self, s: &Span) -> (Option<CasSampling>, cas::Built) {
+    fn build_cas(&self, s: &mut Span) -> (Option<CasSampling>, cas::Built) {
         let none = cas::Built {
             sites: Vec::new(),
             false_sharing: Vec::new(),
@@ -773,6 +773,7 @@ impl Observation {
             plan,
             &self.probes,
             &self.target,
+            s.sym,
             scale,
             s.elapsed.as_secs_f64(),
         );
