@@ -90,7 +90,13 @@ pub mod stat {
     pub const CAS_FAILS: u32 = 32;
     /// A CAS hit counted only in the totals: its site or address table was full.
     pub const CAS_FULL: u32 = 33;
-    pub const COUNT: u32 = 34;
+    /// Hits of the failure-block probes: CASes that failed, seen where only
+    /// a failure leads (`CasFail`).
+    pub const CAS_FAIL_HITS: u32 = 34;
+    /// Hits of the probes after atomic writes that cannot fail (XADD, XCHG,
+    /// LOCK ADD...): seen only for the words they write.
+    pub const ATOMIC_HITS: u32 = 35;
+    pub const COUNT: u32 = 36;
 }
 
 /// The per-CPU counters, in one map entry so the agent reads them all in one
@@ -282,6 +288,15 @@ pub struct LockKey {
     pub sema: u64,
 }
 
+/// Per lock a site waited on: the waits, and the CPUs they were seen on
+/// (bit `cpu % 64`), for false sharing between contended locks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LockSeen {
+    pub waits: u64,
+    pub cpus: u64,
+}
+
 pub const MAX_LOCKS: u32 = 65536;
 
 /// A wait in progress, keyed by the goroutine (`g`, R14), since a goroutine
@@ -364,6 +379,12 @@ pub struct CasOperand {
 /// In `CasOperand::flags`: the function keeps no frame pointer, so its
 /// return address is at `*(rsp)`.
 pub const CAS_FRAMELESS: u8 = 1;
+/// In `CasOperand::flags`: an atomic write that cannot fail (XADD, XCHG,
+/// LOCK ADD...), probed only for the word it writes.
+pub const CAS_WRITE_ONLY: u8 = 2;
+/// In `CasKey::point`: the key counts a failure-block probe's hits (every
+/// one a failed CAS of that point), not attempts after the CAS.
+pub const CAS_FAIL_KEY: u32 = 1 << 31;
 
 /// Register numbers for `CasOperand`: 1 RAX, 2 RBX, 3 RCX, 4 RDX, 5 RSI,
 /// 6 RDI, 7 RBP, 8 RSP, 9-16 R8-R15.
@@ -395,5 +416,6 @@ mod user {
     unsafe impl aya::Pod for CasStats {}
     unsafe impl aya::Pod for CasAddrKey {}
     unsafe impl aya::Pod for CasAddrStats {}
+    unsafe impl aya::Pod for LockSeen {}
     unsafe impl aya::Pod for CasOperand {}
 }

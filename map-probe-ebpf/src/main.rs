@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-        generated::bpf_probe_read_user as probe_read_user_raw,
+        generated::{bpf_get_smp_processor_id, bpf_probe_read_user as probe_read_user_raw},
     },
     macros::{map, raw_tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
@@ -22,10 +22,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use map_probe_common::{
-    COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, INFLIGHT_ENDS_AT_CALLEE, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey,
+    COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET, INFLIGHT_ENDS_AT_CALLEE, COOKIE_SYNCMAP, COOKIE_TIER_SHIFT, LOCK_TIERS, tier_stat, COOKIE_SYNCMAP_MISS, COOKIE_SYNCMAP_REBUILD, Control, Counters, CrashStack, FATAL_MSG, Fatal, HIST_BUCKETS, Inflight, LockKey, LockSeen,
     MAX_ADDRS, MAX_CRASH, MAX_INFLIGHT, MAX_LOCKS, MAX_POINTS, MAX_OVERLAPS, MAX_SITES, MAX_STACKS, MAX_WRITERS, MapOwner,
     OverlapKey, OverlapVal, SIGURG, SiteKey, SiteStats, WaitHist, WriteKey, Writer, stat,
-    CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, CAS_FRAMELESS, MAX_CAS_ADDRS, MAX_CAS_POINTS, MAX_CAS_SITES,
+    CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, CAS_FAIL_KEY, CAS_FRAMELESS, CAS_WRITE_ONLY, MAX_CAS_ADDRS, MAX_CAS_POINTS, MAX_CAS_SITES,
 };
 
 /// Host tgid of the target. uprobe_multi links are already PID-scoped; this
@@ -57,7 +57,7 @@ static HISTS: HashMap<SiteKey, WaitHist> = HashMap::with_max_entries(MAX_SITES, 
 /// site's distinct locks (a sharded map shows as many). LRU: a service with
 /// per-object locks forgets the coldest first instead of losing new ones.
 #[map]
-static SITE_LOCKS: LruHashMap<LockKey, u64> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
+static SITE_LOCKS: LruHashMap<LockKey, LockSeen> = LruHashMap::with_max_entries(MAX_LOCKS, 0);
 
 /// Hits per lock-wait point, entries and ends alike (an end probe after a
 /// CALL may also be where the fast path continues): what sorting the points
@@ -123,6 +123,11 @@ static CAS_ADDRS: PerCpuHashMap<CasAddrKey, CasAddrStats> =
 /// Per CAS point: its memory operand, filled by the agent at load.
 #[map]
 static CAS_OPERANDS: Array<CasOperand> = Array::with_max_entries(MAX_CAS_POINTS, 0);
+
+/// Per failure-block point: the CAS point whose failures lead there, filled
+/// by the agent at load.
+#[map]
+static CAS_FAIL_OF: Array<u32> = Array::with_max_entries(MAX_CAS_POINTS, 0);
 
 /// Scratch space for a `Fatal`, too big for the BPF stack with the rest.
 #[map]
@@ -319,11 +324,18 @@ fn wait_started(ctx: &ProbeContext, cookie: u64, sp: u64, g: u64, sema: u64, now
 
 #[inline(always)]
 fn lock_seen(k: LockKey) {
+    let cpu = 1u64 << (unsafe { bpf_get_smp_processor_id() } & 63);
     match SITE_LOCKS.get_ptr_mut(&k) {
-        Some(n) => unsafe { atomic_add64(n, 1) },
+        Some(v) => unsafe {
+            atomic_add64(&raw mut (*v).waits, 1);
+            // Racy, but a lost bit is set again by the CPU's next wait.
+            if (*v).cpus & cpu == 0 {
+                (*v).cpus |= cpu;
+            }
+        },
         None => {
             // Two CPUs may both insert 1 for a new key: one wait is lost, once.
-            let _ = SITE_LOCKS.insert(&k, &1, 0);
+            let _ = SITE_LOCKS.insert(&k, &LockSeen { waits: 1, cpus: cpu }, 0);
         }
     }
 }
@@ -639,6 +651,60 @@ pub fn cas_retry_ip(ctx: ProbeContext) -> u32 {
     cas_hit(ctx, addr_cookie)
 }
 
+/// Runs on the first instruction of a block only a failed CAS reaches:
+/// counts the failure, and costs nothing when the CAS swaps.
+#[uprobe(multi)]
+pub fn cas_fail(ctx: ProbeContext) -> u32 {
+    cas_fail_hit(ctx, link_cookie)
+}
+
+/// `cas_fail` on kernels without uprobe_multi.
+#[uprobe]
+pub fn cas_fail_pe(ctx: ProbeContext) -> u32 {
+    cas_fail_hit(ctx, link_cookie)
+}
+
+/// `cas_fail` on kernels without BPF cookies (before 5.15).
+#[uprobe]
+pub fn cas_fail_ip(ctx: ProbeContext) -> u32 {
+    cas_fail_hit(ctx, addr_cookie)
+}
+
+#[inline(always)]
+fn cas_fail_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) -> u32 {
+    if !is_target() {
+        return 0;
+    }
+    let Some(cookie) = cookie_of(&ctx) else {
+        return 0;
+    };
+    let Some(&point) = CAS_FAIL_OF.get(cookie as u32) else {
+        return 0;
+    };
+    bump(stat::CAS_FAIL_HITS);
+    let regs = unsafe { &*ctx.regs };
+    let op = CAS_OPERANDS.get(point).copied().unwrap_or_default();
+    let caller = if op.flags & CAS_FRAMELESS != 0 {
+        unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
+    } else {
+        0
+    };
+    let key = CasKey { point: point | CAS_FAIL_KEY, stack_id: user_stack(&ctx), caller };
+    match CAS_SITES.get_ptr_mut(&key) {
+        Some(v) => unsafe {
+            (*v).attempts += 1;
+            (*v).failures += 1;
+        },
+        None => {
+            let v = CasStats { attempts: 1, failures: 1 };
+            if CAS_SITES.insert(&key, &v, 0).is_err() {
+                bump(stat::CAS_FULL);
+            }
+        }
+    }
+    0
+}
+
 const EFLAGS_ZF: u64 = 1 << 6;
 
 #[inline(always)]
@@ -674,27 +740,33 @@ fn cas_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) 
     };
     let point = cookie as u32;
     let regs = unsafe { &*ctx.regs };
-    let failed = regs.eflags & EFLAGS_ZF == 0;
-    bump(stat::CAS_HITS);
-    if failed {
-        bump(stat::CAS_FAILS);
-    }
     let op = CAS_OPERANDS.get(point).copied().unwrap_or_default();
-    let caller = if op.flags & CAS_FRAMELESS != 0 {
-        unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
-    } else {
-        0
-    };
-    let key = CasKey { point, stack_id: user_stack(&ctx), caller };
+    let write_only = op.flags & CAS_WRITE_ONLY != 0;
+    let failed = !write_only && regs.eflags & EFLAGS_ZF == 0;
     let mut full = false;
-    match CAS_SITES.get_ptr_mut(&key) {
-        Some(v) => unsafe {
-            (*v).attempts += 1;
-            (*v).failures += failed as u64;
-        },
-        None => {
-            let v = CasStats { attempts: 1, failures: failed as u64 };
-            full |= CAS_SITES.insert(&key, &v, 0).is_err();
+    if write_only {
+        // Only the word it wrote matters (false sharing): no site, no stack.
+        bump(stat::ATOMIC_HITS);
+    } else {
+        bump(stat::CAS_HITS);
+        if failed {
+            bump(stat::CAS_FAILS);
+        }
+        let caller = if op.flags & CAS_FRAMELESS != 0 {
+            unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
+        } else {
+            0
+        };
+        let key = CasKey { point, stack_id: user_stack(&ctx), caller };
+        match CAS_SITES.get_ptr_mut(&key) {
+            Some(v) => unsafe {
+                (*v).attempts += 1;
+                (*v).failures += failed as u64;
+            },
+            None => {
+                let v = CasStats { attempts: 1, failures: failed as u64 };
+                full |= CAS_SITES.insert(&key, &v, 0).is_err();
+            }
         }
     }
     let addr = match op {

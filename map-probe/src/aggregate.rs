@@ -22,6 +22,9 @@ pub struct RawSite {
     pub hist: [u64; HIST_BUCKETS],
     /// Waits per semaphore address.
     pub semas: Vec<(u64, u64)>,
+    /// Per semaphore address: the CPUs its waits were seen on (bit
+    /// `cpu % 64`), so far.
+    pub sema_cpus: HashMap<u64, u64>,
 }
 
 /// What the kernel holds for one site key: counters, histogram, semaphores.
@@ -30,6 +33,7 @@ pub struct KeyData {
     pub stats: SiteStats,
     pub hist: [u64; HIST_BUCKETS],
     pub semas: HashMap<u64, u64>,
+    pub sema_cpus: HashMap<u64, u64>,
 }
 
 impl KeyData {
@@ -60,6 +64,7 @@ impl KeyData {
             },
             hist,
             semas,
+            sema_cpus: self.sema_cpus.clone(),
         }
     }
 }
@@ -68,8 +73,10 @@ impl KeyData {
 pub fn read(probes: &Probes) -> Result<Vec<(SiteKey, KeyData)>> {
     let mut hists = probes.hists()?;
     let mut semas: HashMap<SiteKey, HashMap<u64, u64>> = HashMap::new();
-    for (k, n) in probes.site_locks()? {
-        *semas.entry(k.site).or_default().entry(k.sema).or_default() += n;
+    let mut cpus: HashMap<SiteKey, HashMap<u64, u64>> = HashMap::new();
+    for (k, v) in probes.site_locks()? {
+        *semas.entry(k.site).or_default().entry(k.sema).or_default() += v.waits;
+        *cpus.entry(k.site).or_default().entry(k.sema).or_default() |= v.cpus;
     }
     Ok(probes
         .sites()?
@@ -82,7 +89,16 @@ pub fn read(probes: &Probes) -> Result<Vec<(SiteKey, KeyData)>> {
                 }
             }
             let semas = semas.remove(&key).unwrap_or_default();
-            (key, KeyData { stats, hist, semas })
+            let sema_cpus = cpus.remove(&key).unwrap_or_default();
+            (
+                key,
+                KeyData {
+                    stats,
+                    hist,
+                    semas,
+                    sema_cpus,
+                },
+            )
         })
         .collect())
 }
@@ -97,6 +113,7 @@ pub fn raw_site(probes: &Probes, key: &SiteKey, d: KeyData) -> RawSite {
         stats: d.stats,
         hist: d.hist,
         semas: d.semas.into_iter().collect(),
+        sema_cpus: d.sema_cpus,
     }
 }
 

@@ -12,13 +12,15 @@
 use std::collections::{HashMap, HashSet};
 
 use map_probe_common::{
-    CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, CAS_FRAMELESS, MAX_CAS_POINTS,
+    CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, CAS_FAIL_KEY, CAS_FRAMELESS,
+    CAS_WRITE_ONLY, MAX_CAS_POINTS,
 };
 
 use crate::{
     catalog::{Kind, Plan, Point, Purpose},
+    false_sharing::{HotWord, WordKind},
     gobin::{Frame, GoBinary},
-    report::{CasSite, CasStack, FalseSharing, FrameOut, SharedWord},
+    report::{CasSite, CasStack, FrameOut},
     sites,
     symbolize::Symbolizer,
 };
@@ -105,6 +107,11 @@ pub struct CasPoint {
     pub absolute: Option<u64>,
     /// Its frames, innermost first (inlined calls expanded).
     pub frames: Vec<Frame>,
+    /// An atomic write that cannot fail (XADD, XCHG, LOCK ADD...): probed
+    /// for the word it writes, never a CAS site.
+    pub write_only: bool,
+    /// Its failures are counted at a block only they reach (`fail`).
+    pub fail_block: bool,
 }
 
 pub struct CasPlan {
@@ -115,6 +122,17 @@ pub struct CasPlan {
     /// CAS instructions in scope left unprobed: the instruction after them
     /// is a branch target too, or too many points.
     pub skipped: usize,
+    /// The failure-only blocks (`Purpose::CasFail`), and for each the index
+    /// of its CAS point in `points`.
+    pub fail: Plan,
+    pub fail_of: Vec<u32>,
+}
+
+impl CasPlan {
+    /// Points that are compare-and-swaps (the rest are atomic writes).
+    pub fn cas_points(&self) -> usize {
+        self.points.iter().filter(|p| !p.write_only).count()
+    }
 }
 
 /// Every CAS in the functions `scope` covers.
@@ -129,6 +147,12 @@ pub fn plan(bin: &GoBinary, scope: &Scope) -> CasPlan {
         operands: Vec::new(),
         scope: scope.patterns.clone(),
         skipped: 0,
+        fail: Plan {
+            purpose: Purpose::CasFail,
+            points: Vec::new(),
+            missing: Vec::new(),
+        },
+        fail_of: Vec::new(),
     };
     if scope.patterns.is_empty() {
         return out;
@@ -146,11 +170,27 @@ pub fn plan(bin: &GoBinary, scope: &Scope) -> CasPlan {
                 continue;
             };
             if c.unsafe_next || out.points.len() >= MAX_CAS_POINTS as usize {
-                out.skipped += 1;
+                out.skipped += usize::from(!c.write_only);
                 continue;
             }
+            let fail_block = c.fail_block.and_then(|a| bin.file_offset(a));
+            if let Some(off) = fail_block {
+                out.fail_of.push(out.points.len() as u32);
+                out.fail.points.push(Point {
+                    symbol: "CAS failed",
+                    kind: Kind::Cas,
+                    entry_offset: Some(off),
+                    ret_offsets: Vec::new(),
+                    call: None,
+                    ends_at: None,
+                });
+            }
             out.plan.points.push(Point {
-                symbol: "LOCK CMPXCHG",
+                symbol: if c.write_only {
+                    "atomic write"
+                } else {
+                    "LOCK CMPXCHG"
+                },
                 kind: Kind::Cas,
                 entry_offset: Some(next),
                 ret_offsets: Vec::new(),
@@ -161,13 +201,16 @@ pub fn plan(bin: &GoBinary, scope: &Scope) -> CasPlan {
                 base: c.base,
                 index: c.index,
                 scale: c.scale,
-                flags: if c.frameless { CAS_FRAMELESS } else { 0 },
+                flags: if c.frameless { CAS_FRAMELESS } else { 0 }
+                    | if c.write_only { CAS_WRITE_ONLY } else { 0 },
                 disp: c.disp,
             });
             out.points.push(CasPoint {
                 ip: c.ip,
                 absolute: c.absolute,
                 frames,
+                write_only: c.write_only,
+                fail_block: fail_block.is_some(),
             });
         }
     }
@@ -233,119 +276,144 @@ impl Raw {
 /// loops they count, and the scaled estimates read low (`probe_bound`).
 pub const PROBE_BOUND_CPU: f64 = 0.05;
 
-/// Below this many estimated writes a second, a word is not hot enough to
-/// be worth padding, and its few raw samples say little about who wrote it.
-const HOT_WRITES_PER_SEC: f64 = 1000.0;
-const HOT_MIN_RAW: u64 = 20;
-pub const CACHE_LINE: u64 = 64;
-
-/// One written word, merged over the points that wrote it.
-#[derive(Default)]
-struct Word {
-    attempts: u64,
-    goroutines: HashSet<u64>,
-    cpus: usize,
-    /// The point that wrote it most, and how often.
-    point: u32,
-    point_attempts: u64,
-}
-
 pub struct Built {
     pub sites: Vec<CasSite>,
-    pub false_sharing: Vec<FalseSharing>,
+    /// Every word a CAS or atomic write in scope wrote, for `false_sharing`.
+    pub words: Vec<HotWord>,
     pub stacks: Vec<CasStack>,
 }
 
-/// The report's CAS sites and false-sharing suspects from `raw`, counts
-/// scaled by `scale` (elapsed / attached) over `elapsed_secs`.
+/// How raw counts become estimates: the attempt probes' scale (elapsed /
+/// attached), the failure blocks' (None without any), and the span.
+pub struct Scales {
+    pub attempts: f64,
+    pub failures: Option<f64>,
+    pub elapsed_secs: f64,
+}
+
+/// The report's CAS sites and written words from `raw`.
 pub fn build(
     raw: &Raw,
     plan: &CasPlan,
     probes: &crate::probes::Probes,
     target: &crate::target::Target,
     sym: &mut Symbolizer,
-    scale: f64,
-    elapsed_secs: f64,
+    scales: &Scales,
 ) -> Built {
     let (bias, main_module) = (target.bias, target.bin.main_module());
+    let scale = scales.attempts;
     let addr_of = |k: &CasAddrKey| -> u64 {
         match plan.points.get(k.point as usize).and_then(|p| p.absolute) {
             Some(a) if k.addr == 0 => a.wrapping_add(bias),
             _ => k.addr,
         }
     };
-    // Per point: attempts, failures, stacks (busiest first).
+    // Per point: attempts and failures after the CAS, failure-block hits,
+    // and per stack (below the CAS's own frame) the same three.
+    #[derive(Default)]
     struct Acc {
         attempts: u64,
         failures: u64,
-        /// (attempts, failures, stack id, caller), busiest first.
-        stacks: Vec<(u64, u64, i32, u64)>,
+        fail_hits: u64,
+        stacks: HashMap<Vec<u64>, [u64; 3]>,
         words: HashMap<u64, u64>,
     }
     let mut acc: HashMap<u32, Acc> = HashMap::new();
     for (k, v) in &raw.sites {
-        let a = acc.entry(k.point).or_insert(Acc {
-            attempts: 0,
-            failures: 0,
-            stacks: Vec::new(),
-            words: HashMap::new(),
-        });
-        a.attempts += v.attempts;
-        a.failures += v.failures;
-        a.stacks
-            .push((v.attempts, v.failures, k.stack_id, k.caller));
+        let fail_key = k.point & CAS_FAIL_KEY != 0;
+        let a = acc.entry(k.point & !CAS_FAIL_KEY).or_default();
+        // The trap's own frame (the instruction after the CAS, or the failure
+        // block) is replaced by the CAS's frames below.
+        let (pcs, _) = probes.stack_at_entry(k.stack_id, k.caller);
+        let s = a
+            .stacks
+            .entry(pcs.get(1..).unwrap_or(&[]).to_vec())
+            .or_default();
+        if fail_key {
+            a.fail_hits += v.failures;
+            s[2] += v.failures;
+        } else {
+            a.attempts += v.attempts;
+            a.failures += v.failures;
+            s[0] += v.attempts;
+            s[1] += v.failures;
+        }
     }
-    let mut words: HashMap<u64, Word> = HashMap::new();
+    let mut words: HashMap<(u32, u64), HotWord> = HashMap::new();
     for (k, per_cpu) in &raw.addrs {
         let addr = addr_of(k);
         let n: u64 = per_cpu.iter().map(|s| s.attempts).sum();
         if n == 0 {
             continue;
         }
-        if let Some(a) = acc.get_mut(&k.point) {
-            *a.words.entry(addr).or_default() += n;
-        }
-        if addr == 0 {
+        let Some(p) = plan.points.get(k.point as usize) else {
             continue;
+        };
+        if !p.write_only {
+            *acc.entry(k.point)
+                .or_default()
+                .words
+                .entry(addr)
+                .or_default() += n;
         }
-        let w = words.entry(addr).or_default();
-        w.attempts += n;
-        w.cpus += per_cpu.iter().filter(|s| s.attempts > 0).count();
-        for s in per_cpu.iter().filter(|s| s.attempts > 0) {
+        let w = words.entry((k.point, addr)).or_insert_with(|| HotWord {
+            addr,
+            kind: if p.write_only {
+                WordKind::Atomic
+            } else {
+                WordKind::Cas
+            },
+            raw: 0,
+            per_sec: 0.0,
+            goroutines: HashSet::new(),
+            cpus: 0,
+            at: p
+                .frames
+                .iter()
+                .find(|f| !f.function.starts_with("sync/atomic."))
+                .or(p.frames.first())
+                .map(FrameOut::from),
+        });
+        w.raw += n;
+        w.per_sec += n as f64 * scale / scales.elapsed_secs.max(1e-9);
+        for (cpu, s) in per_cpu.iter().enumerate().filter(|(_, s)| s.attempts > 0) {
+            w.cpus |= 1 << (cpu % 64);
             w.goroutines
                 .extend([s.last_g, s.other_g].into_iter().filter(|&g| g != 0));
-        }
-        if n > w.point_attempts {
-            w.point = k.point;
-            w.point_attempts = n;
         }
     }
     let mut out = Vec::new();
     let mut cas_stacks = Vec::new();
-    let est = |n: u64| (n as f64 * scale).round() as u64;
-    for (point, a) in &mut acc {
-        let Some(p) = plan.points.get(*point as usize) else {
+    let est = |n: u64, scale: f64| (n as f64 * scale).round() as u64;
+    for (point, a) in acc {
+        let Some(p) = plan.points.get(point as usize).filter(|p| !p.write_only) else {
             continue;
         };
-        a.stacks.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
-        // Each stack with its innermost frames replaced by the CAS's own
-        // (the trap is on the instruction after it, maybe another line).
-        for &(attempts, failures, id, caller) in &a.stacks {
-            let (pcs, _) = probes.stack_at_entry(id, caller);
+        // Failures from the failure block when it was probed, else from the
+        // flags after the CAS.
+        let (failures_from, f_scale, raw_failures) = match scales.failures {
+            Some(f) if p.fail_block => ("failure-block", f, a.fail_hits),
+            _ => ("after-cas", scale, a.failures),
+        };
+        let fail_block = failures_from == "failure-block";
+        let mut stacks: Vec<(Vec<u64>, [u64; 3])> = a.stacks.into_iter().collect();
+        stacks.sort_unstable_by_key(|(pcs, n)| (std::cmp::Reverse(n[0] + n[2]), pcs.clone()));
+        let first = cas_stacks.len();
+        for (pcs, n) in &stacks {
             let mut frames: Vec<FrameOut> = p.frames.iter().map(FrameOut::from).collect();
-            frames.extend(
-                sym.stack(pcs.get(1..).unwrap_or(&[]), false)
-                    .iter()
-                    .map(FrameOut::from),
-            );
+            frames.extend(sym.stack(pcs, false).iter().map(FrameOut::from));
             cas_stacks.push(CasStack {
                 frames,
-                attempts: est(attempts),
-                failures: est(failures),
+                attempts: est(n[0], scale),
+                failures: if fail_block {
+                    est(n[2], f_scale)
+                } else {
+                    est(n[1], scale)
+                },
             });
         }
         let stack = cas_stacks
-            .get(cas_stacks.len() - a.stacks.len())
+            .get(first)
             .map(|s| s.frames.clone())
             .unwrap_or_default();
         let at = stack
@@ -363,26 +431,28 @@ pub fn build(
             function: at.function.clone(),
             file: at.file.clone(),
             line: at.line,
-            attempts: est(a.attempts),
-            failures: est(a.failures),
+            attempts: est(a.attempts, scale),
+            failures: est(raw_failures, f_scale),
             raw_attempts: a.attempts,
-            raw_failures: a.failures,
+            raw_failures,
             failure_ratio: if a.attempts == 0 {
                 0.0
             } else {
                 a.failures as f64 / a.attempts as f64
             },
-            failures_error: if a.failures == 0 {
+            failures_error: if raw_failures == 0 {
                 0.0
             } else {
-                sites::count_error(a.failures, scale)
+                sites::count_error(raw_failures, f_scale)
             },
             scale,
+            failures_from,
+            failures_scale: f_scale,
             target: target.filter(|&t| t != 0).map(|t| format!("{t:#x}")),
             target_symbol: target.filter(|&t| t != 0).and_then(|t| sym.data(t)),
             targets: a.words.keys().filter(|&&w| w != 0).count(),
             caller,
-            stacks: a.stacks.len(),
+            stacks: stacks.len(),
             stack,
         });
     }
@@ -394,92 +464,11 @@ pub fn build(
             y.line,
         ))
     });
-    let false_sharing = false_sharing(&words, plan, sym, scale, elapsed_secs);
     Built {
         sites: out,
-        false_sharing,
+        words: words.into_values().collect(),
         stacks: cas_stacks,
     }
-}
-
-/// Hot words sharing a cache line with another hot word that other
-/// goroutines write, on other CPUs. One word written from many places is
-/// true sharing (the CAS sites show its failures), never flagged here.
-fn false_sharing(
-    words: &HashMap<u64, Word>,
-    plan: &CasPlan,
-    sym: &mut Symbolizer,
-    scale: f64,
-    elapsed_secs: f64,
-) -> Vec<FalseSharing> {
-    let rate = |w: &Word| w.attempts as f64 * scale / elapsed_secs.max(1e-9);
-    let mut lines: HashMap<u64, Vec<u64>> = HashMap::new();
-    for (&addr, w) in words {
-        if w.attempts >= HOT_MIN_RAW && rate(w) >= HOT_WRITES_PER_SEC {
-            lines
-                .entry(addr & !(CACHE_LINE - 1))
-                .or_default()
-                .push(addr);
-        }
-    }
-    let mut out = Vec::new();
-    let mut keys: Vec<u64> = lines.keys().copied().collect();
-    keys.sort_unstable();
-    for line in keys {
-        let mut addrs = lines.remove(&line).unwrap_or_default();
-        if addrs.len() < 2 {
-            continue;
-        }
-        addrs.sort_unstable();
-        // Some pair of its words must be written by different goroutines,
-        // and the line by more than one CPU: else nothing bounces it.
-        let split = addrs.iter().enumerate().any(|(i, a)| {
-            addrs[i + 1..].iter().any(|b| {
-                let (wa, wb) = (&words[a], &words[b]);
-                wa.goroutines
-                    .iter()
-                    .any(|g| wb.goroutines.iter().any(|h| g != h))
-                    && wa.cpus + wb.cpus >= 2
-            })
-        });
-        if !split {
-            continue;
-        }
-        let shared = addrs
-            .iter()
-            .map(|addr| {
-                let w = &words[addr];
-                let at = plan
-                    .points
-                    .get(w.point as usize)
-                    .and_then(|p| {
-                        p.frames
-                            .iter()
-                            .find(|f| !f.function.starts_with("sync/atomic."))
-                    })
-                    .map(FrameOut::from);
-                SharedWord {
-                    addr: format!("{addr:#x}"),
-                    symbol: sym.data(*addr),
-                    function: at.as_ref().map_or("?".into(), |f| f.function.clone()),
-                    file: at.as_ref().map_or("?".into(), |f| f.file.clone()),
-                    line: at.as_ref().map_or(0, |f| f.line),
-                    writes_per_sec: rate(w),
-                    goroutines: w.goroutines.len(),
-                    cpus: w.cpus,
-                }
-            })
-            .collect();
-        out.push(FalseSharing {
-            cache_line: format!("{line:#x}"),
-            words: shared,
-            suggestion: format!(
-                "these words share one {CACHE_LINE}-byte cache line and are written by different goroutines: pad them apart (e.g. `_ [{}]byte` after an 8-byte word, or cpu.CacheLinePad)",
-                CACHE_LINE - 8
-            ),
-        });
-    }
-    out
 }
 
 #[cfg(test)]

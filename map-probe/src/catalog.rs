@@ -19,6 +19,9 @@ pub enum Purpose {
     /// count it, and count it failed when ZF is clear. Found by disassembly
     /// (`cas`), not by symbol: no row of this table.
     Cas,
+    /// A CAS failed: the probe sits on a block only a failure reaches, so
+    /// it costs nothing when the CAS swaps (`cas`, by disassembly too).
+    CasFail,
 }
 
 impl Purpose {
@@ -29,12 +32,13 @@ impl Purpose {
             Purpose::MapWrite => "map_write",
             Purpose::Fatal => "go_fatal",
             Purpose::Cas => "cas_retry",
+            Purpose::CasFail => "cas_fail",
         }
     }
 
     /// Whether the RET instructions are probed too (to see the call end).
     pub fn probes_returns(self) -> bool {
-        !matches!(self, Purpose::Fatal | Purpose::Cas)
+        !matches!(self, Purpose::Fatal | Purpose::Cas | Purpose::CasFail)
     }
 }
 

@@ -4,8 +4,8 @@
 //! decides where to probe for its Go version, `probes` loads and attaches the
 //! eBPF programs, `calibrate` measures what a hit costs here, `governor` keeps
 //! their cost in budget (`tiers` choosing which lock points stay in), `aggregate` reads the
-//! kernel's counts, `symbolize` names the stacks, `sites` and `risks` build
-//! the one report model, and `report` renders it. `session` drives one
+//! kernel's counts, `symbolize` names the stacks, `sites`, `risks`, `cas` and
+//! `false_sharing` build the one report model, and `report` renders it. `session` drives one
 //! target through all of it; `export` sends its reports to an OpenTelemetry
 //! Collector (OTLP); `agent` drives many targets that `discover` finds.
 
@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod discover;
 pub mod doctor;
 pub mod export;
+pub mod false_sharing;
 pub mod gobin;
 pub mod governor;
 pub mod launch;

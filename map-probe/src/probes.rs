@@ -26,9 +26,9 @@ use aya::{
 };
 use map_probe_common::{
     stat, CasAddrKey, CasAddrStats, CasKey, CasOperand, CasStats, Control, Counters, CrashStack,
-    Fatal, LockKey, OverlapKey, OverlapVal, SiteKey, SiteStats, WaitHist, WriteKey, Writer,
-    COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT, COOKIE_RET,
-    COOKIE_TIER_SHIFT, LOCK_TIERS, MAX_CAS_POINTS,
+    Fatal, LockKey, LockSeen, OverlapKey, OverlapVal, SiteKey, SiteStats, WaitHist, WriteKey,
+    Writer, COOKIE_AT_CALL, COOKIE_CALLEE_RET, COOKIE_ENDS_AT_CALLEE, COOKIE_END_POINT_SHIFT,
+    COOKIE_RET, COOKIE_TIER_SHIFT, LOCK_TIERS, MAX_CAS_POINTS,
 };
 
 use crate::{
@@ -419,7 +419,7 @@ impl Probes {
             Purpose::LockWait => {
                 self.control.lock_since_ns[usize::from(slot.tier) % LOCK_TIERS] = monotonic_ns()
             }
-            Purpose::Fatal | Purpose::Cas => {}
+            Purpose::Fatal | Purpose::Cas | Purpose::CasFail => {}
         }
         let control = self.control;
         let mut ctl: Array<&mut MapData, Control> = Array::try_from(self.map_mut("CONTROL")?)?;
@@ -667,8 +667,18 @@ impl Probes {
         Ok(())
     }
 
-    pub fn site_locks(&self) -> Result<Vec<(LockKey, u64)>> {
-        let map: HashMap<&MapData, LockKey, u64> = HashMap::try_from(self.map("SITE_LOCKS")?)?;
+    /// Tells the failure-block program which CAS point each of its points
+    /// belongs to.
+    pub fn set_cas_fail_of(&mut self, of: &[u32]) -> Result<()> {
+        let mut arr: Array<&mut MapData, u32> = Array::try_from(self.map_mut("CAS_FAIL_OF")?)?;
+        for (i, p) in of.iter().enumerate().take(MAX_CAS_POINTS as usize) {
+            arr.set(i as u32, p, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn site_locks(&self) -> Result<Vec<(LockKey, LockSeen)>> {
+        let map: HashMap<&MapData, LockKey, LockSeen> = HashMap::try_from(self.map("SITE_LOCKS")?)?;
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
@@ -693,7 +703,7 @@ impl Probes {
             .map(|(k, _)| k)
             .filter(|k| gone.contains(&k.site))
             .collect();
-        let mut map: HashMap<&mut MapData, LockKey, u64> =
+        let mut map: HashMap<&mut MapData, LockKey, LockSeen> =
             HashMap::try_from(self.map_mut("SITE_LOCKS")?)?;
         for k in &locks {
             let _ = map.remove(k);

@@ -26,6 +26,7 @@ use crate::{
     catalog::{self, Plan, Purpose},
     doctor::Host,
     export::Exporter,
+    false_sharing,
     governor::{self, Decision, Governor},
     probes::{Probes, Slot, UprobeMode},
     report::{self, CasSampling, LockTier, MapSampling, Report, Risk, Sampling, TargetInfo},
@@ -105,7 +106,12 @@ impl Plans {
     pub fn all(&self) -> Vec<&Plan> {
         let mut v = vec![&self.locks, &self.fatal];
         v.extend(self.maps.as_ref());
-        v.extend(self.cas.as_ref().map(|c| &c.plan));
+        if let Some(c) = &self.cas {
+            v.push(&c.plan);
+            if !c.fail.points.is_empty() {
+                v.push(&c.fail);
+            }
+        }
         v
     }
 }
@@ -120,6 +126,11 @@ pub struct Outcome {
 /// The share of `--budget` the CAS probes get when there is a CAS in scope
 /// (taken evenly from the lock and map-write probes' halves).
 pub const CAS_BUDGET_SHARE: f64 = 0.25;
+/// The share when the code in scope has atomic writes but no CAS: their
+/// probes only find the words for false sharing.
+pub const ATOMIC_BUDGET_SHARE: f64 = 0.1;
+/// Of the CAS share, what the failure-block probes get.
+pub const CAS_FAIL_SHARE: f64 = 0.5;
 
 /// How often the loop looks at the counters: often while a window is open,
 /// since a hot path (a map write at ~100k calls/s) costs the target a
@@ -263,15 +274,23 @@ impl Observation {
         let clock = Clock::now();
         let measured = probes.trap_cost;
         // CAS probes, where the binary has CAS sites in scope, take their
-        // share (`CAS_BUDGET_SHARE`) from the lock and map-write probes.
-        let cas_on = opts.cas.is_some() && probes.has(Purpose::Cas);
+        // share (`CAS_BUDGET_SHARE`) from the lock and map-write probes;
+        // atomic writes alone (for false sharing) take less.
+        let cas_share = match &plans.cas {
+            Some(c) if opts.cas.is_some() && probes.has(Purpose::Cas) => {
+                if c.cas_points() > 0 {
+                    CAS_BUDGET_SHARE
+                } else {
+                    ATOMIC_BUDGET_SHARE
+                }
+            }
+            _ => 0.0,
+        };
         let costed = |mut c: governor::Config| {
             if let Some(m) = measured {
                 c.hit_cost = m * crate::calibrate::HIT_COST_PER_TRAP;
             }
-            if cas_on {
-                c.budget = c.budget.map(|b| b * (1.0 - CAS_BUDGET_SHARE));
-            }
+            c.budget = c.budget.map(|b| b * (1.0 - cas_share));
             c
         };
         // Every lock point starts steady, with the whole lock budget; the
@@ -305,19 +324,34 @@ impl Observation {
             });
         }
         if let (Some((cfg, _)), true) = (&opts.cas, probes.has(Purpose::Cas)) {
+            let cfg = governor::Config {
+                hit_cost: measured
+                    .map_or(cfg.hit_cost, |m| m * crate::calibrate::HIT_COST_PER_TRAP),
+                budget: cfg.budget.map(|b| b * cas_share / CAS_BUDGET_SHARE),
+                ..*cfg
+            };
+            // The failure blocks, where there are any, take their share of
+            // the CAS budget: they trap only on failures, so it mostly keeps
+            // them in for the whole run.
+            let fail = probes.has(Purpose::CasFail);
+            let share = |s: f64| governor::Config {
+                budget: cfg.budget.map(|b| b * s),
+                ..cfg
+            };
             sets.push(Governed {
                 purpose: Purpose::Cas,
                 tier: 0,
-                gov: Governor::new(
-                    governor::Config {
-                        hit_cost: measured
-                            .map_or(cfg.hit_cost, |m| m * crate::calibrate::HIT_COST_PER_TRAP),
-                        ..*cfg
-                    },
-                    start,
-                ),
-                counters: vec![stat::CAS_HITS],
+                gov: Governor::new(share(if fail { 1.0 - CAS_FAIL_SHARE } else { 1.0 }), start),
+                counters: vec![stat::CAS_HITS, stat::ATOMIC_HITS],
             });
+            if fail {
+                sets.push(Governed {
+                    purpose: Purpose::CasFail,
+                    tier: 0,
+                    gov: Governor::new(share(CAS_FAIL_SHARE), start),
+                    counters: vec![stat::CAS_FAIL_HITS],
+                });
+            }
         }
         for s in &mut sets {
             if probes.attached(s.slot()) {
@@ -403,7 +437,10 @@ impl Observation {
                 .any(|s| s.gov.is_open() && p.is_none_or(|p| s.purpose == p))
         };
         Ok(Step::Next(
-            if open(Some(Purpose::MapWrite)) || open(Some(Purpose::Cas)) {
+            if open(Some(Purpose::MapWrite))
+                || open(Some(Purpose::Cas))
+                || open(Some(Purpose::CasFail))
+            {
                 TICK_MAP_OPEN
             } else if open(None) {
                 TICK_OPEN
@@ -644,12 +681,18 @@ impl Observation {
 
     fn build(&self, mut s: Span) -> Report {
         let target = &self.target;
-        let (sites, stacks, incomplete) = sites::build_sites(
+        let sites::Built {
+            sites,
+            stacks,
+            incomplete,
+            lock_words,
+        } = sites::build_sites(
             s.raw,
             &self.plans.locks.points,
             s.sym,
             s.scales,
             self.target.bin.main_module(),
+            s.elapsed.as_secs_f64(),
         );
         let totals = aggregate::totals(s.stats);
         let cfg = self.sets[0].gov.config();
@@ -670,6 +713,12 @@ impl Observation {
                 overlap_candidates: s.stats[stat::OVERLAP_CANDIDATES as usize],
             });
         let (cas_sampling, built) = self.build_cas(&mut s);
+        let false_sharing = {
+            let sym = &*s.sym;
+            false_sharing::find(built.words.into_iter().chain(lock_words).collect(), |a| {
+                sym.data(a)
+            })
+        };
         let mut drops = totals.drops;
         drops.stack_incomplete = incomplete;
         let mut points = [0usize; LOCK_TIERS];
@@ -738,7 +787,7 @@ impl Observation {
             sites,
             risks: s.risks,
             cas: built.sites,
-            false_sharing: built.false_sharing,
+            false_sharing,
             cas_stacks: built.stacks,
             stacks,
         }
@@ -748,34 +797,43 @@ impl Observation {
     fn build_cas(&self, s: &mut Span) -> (Option<CasSampling>, cas::Built) {
         let none = cas::Built {
             sites: Vec::new(),
-            false_sharing: Vec::new(),
+            words: Vec::new(),
             stacks: Vec::new(),
         };
         let Some(plan) = &self.plans.cas else {
             return (None, none);
         };
-        let Some((set, (attached, windows))) = self
-            .sets
-            .iter()
-            .zip(s.attached.iter().zip(s.windows))
-            .find(|(set, _)| set.purpose == Purpose::Cas)
-        else {
+        let of = |p: Purpose| {
+            self.sets
+                .iter()
+                .zip(s.attached.iter().zip(s.windows))
+                .find(|(set, _)| set.purpose == p)
+                .map(|(set, (attached, windows))| {
+                    let governed = set.gov.config().budget.is_some();
+                    let scale = if !governed || attached.is_zero() {
+                        1.0
+                    } else {
+                        (s.elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
+                    };
+                    (set, *attached, *windows, scale)
+                })
+        };
+        let Some((set, attached, windows, scale)) = of(Purpose::Cas) else {
             return (None, none);
         };
+        let fail = of(Purpose::CasFail);
         let governed = set.gov.config().budget.is_some();
-        let scale = if !governed || attached.is_zero() {
-            1.0
-        } else {
-            (s.elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
-        };
         let built = cas::build(
             &s.cas,
             plan,
             &self.probes,
             &self.target,
             s.sym,
-            scale,
-            s.elapsed.as_secs_f64(),
+            &cas::Scales {
+                attempts: scale,
+                failures: fail.map(|f| f.3),
+                elapsed_secs: s.elapsed.as_secs_f64(),
+            },
         );
         let raw_hits = s.stats[stat::CAS_HITS as usize];
         let trap = self.probes.trap_cost.map_or(
@@ -786,10 +844,17 @@ impl Observation {
             && !attached.is_zero()
             && raw_hits as f64 * trap / attached.as_secs_f64() >= cas::PROBE_BOUND_CPU;
         let sampling = CasSampling {
-            points: plan.points.len(),
+            points: plan.cas_points(),
+            atomic_points: plan.points.len() - plan.cas_points(),
+            raw_atomic_hits: s.stats[stat::ATOMIC_HITS as usize],
+            failure_blocks: plan.fail.points.len(),
+            raw_failure_block_hits: s.stats[stat::CAS_FAIL_HITS as usize],
+            failure_block_attached_secs: fail.map_or(0.0, |f| f.1.as_secs_f64()),
+            failure_block_windows: fail.map_or(0, |f| f.2),
+            failure_block_scale: fail.map_or(1.0, |f| f.3),
             scope: plan.scope.clone(),
             attached_secs: attached.as_secs_f64(),
-            windows: *windows,
+            windows,
             raw_hits,
             raw_failures: s.stats[stat::CAS_FAILS as usize],
             probe_bound,
@@ -883,10 +948,12 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
     let cas = opts.cas.as_ref().map(|(_, spec)| {
         let plan = cas::plan(&target.bin, &cas::Scope::parse(spec, &target.bin));
         log::info!(
-            "{} CAS instruction(s) in scope {:?} ({} left unprobed)",
-            plan.points.len(),
+            "{} CAS instruction(s) in scope {:?} ({} left unprobed, {} with a failure-only block), and {} other atomic write(s)",
+            plan.cas_points(),
             plan.scope,
-            plan.skipped
+            plan.skipped,
+            plan.fail.points.len(),
+            plan.points.len() - plan.cas_points()
         );
         plan
     });
@@ -906,6 +973,7 @@ pub fn prepare(target: &Target, opts: &Options, host: &Host) -> Result<(Plans, P
     )?;
     if let Some(c) = &plans.cas {
         probes.set_cas_operands(&c.operands)?;
+        probes.set_cas_fail_of(&c.fail_of)?;
     }
     // The PID must still name the process that was read (not a new one
     // that reused its number) as the probes go in.

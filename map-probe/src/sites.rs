@@ -9,6 +9,7 @@ use map_probe_common::HIST_BUCKETS;
 use crate::{
     aggregate::RawSite,
     catalog::{self, Kind, Point},
+    false_sharing::{HotWord, WordKind},
     report::{Bucket, FrameOut, ProbeOut, ShardShare, Shards, Site, StackCount, SyncMapOut, Wait},
     symbolize::Symbolizer,
 };
@@ -260,17 +261,28 @@ fn delay(s: &map_probe_common::SiteStats) -> u64 {
     }
 }
 
+/// What `build_sites` makes of the raw sites.
+pub struct Built {
+    pub sites: Vec<Site>,
+    pub stacks: Vec<StackCount>,
+    /// Waits whose stack never left the lock machinery.
+    pub incomplete: u64,
+    /// Every lock waited on, per site, for `false_sharing`.
+    pub lock_words: Vec<HotWord>,
+}
+
 /// The ranked sites, every stack for the flamegraph, and how many raw waits
 /// had a stack that never left the lock machinery (the frame-pointer walk
 /// stopped early), counted as drops rather than shown as a site named after
-/// `sync` internals.
+/// `sync` internals; and the locks waited on, at rates over `elapsed_secs`.
 pub fn build_sites(
     raw: &[RawSite],
     points: &[Point],
     sym: &mut Symbolizer,
     scales: &[f64],
     main_module: Option<&str>,
-) -> (Vec<Site>, Vec<StackCount>, u64) {
+    elapsed_secs: f64,
+) -> Built {
     struct Acc {
         site: FrameOut,
         kind: Kind,
@@ -285,6 +297,8 @@ pub fn build_sites(
         /// Waits per lock address (or per semaphore, when the layout around
         /// it is not known).
         locks: HashMap<u64, u64>,
+        /// Per lock: estimated waits and the CPUs they were seen on.
+        lock_est: HashMap<u64, (f64, u64)>,
         method: Option<String>,
         /// sync.Map (Go 1.19-1.23): promoting misses, dirty-map rebuilds and
         /// the rebuilds' time, raw.
@@ -360,6 +374,7 @@ pub fn build_sites(
             delay_ns: 0,
             hist: [0; HIST_BUCKETS],
             locks: HashMap::new(),
+            lock_est: HashMap::new(),
             method,
             promotions: 0,
             rebuilds: 0,
@@ -397,6 +412,9 @@ pub fn build_sites(
             let functions = frames.iter().map(|f| f.function.as_str());
             let lock = catalog::lock_of(functions, sema).unwrap_or(sema);
             *acc.locks.entry(lock).or_default() += n;
+            let e = acc.lock_est.entry(lock).or_default();
+            e.0 += n as f64 * k;
+            e.1 |= r.sema_cpus.get(&sema).copied().unwrap_or(0);
         }
         acc.raw += r.stats.count;
         acc.timed += r.stats.timed;
@@ -436,9 +454,21 @@ pub fn build_sites(
     }
     drop(index);
     let round = |x: f64| x.round() as u64;
+    let mut lock_words = Vec::new();
     let mut sites: Vec<Site> = by_site
         .into_values()
         .map(|a| {
+            for (&lock, &(est, cpus)) in &a.lock_est {
+                lock_words.push(HotWord {
+                    addr: lock,
+                    kind: WordKind::Lock,
+                    raw: a.locks.get(&lock).copied().unwrap_or(0),
+                    per_sec: est / elapsed_secs.max(1e-9),
+                    goroutines: Default::default(),
+                    cpus,
+                    at: Some(a.site.clone()),
+                });
+            }
             let stacks = a.stacks.len();
             let stack = a
                 .stacks
@@ -530,7 +560,12 @@ pub fn build_sites(
         s.delay_ns = round(d);
     }
     stacks.sort_by_key(|s| std::cmp::Reverse(s.count));
-    (sites, stacks, incomplete)
+    Built {
+        sites,
+        stacks,
+        incomplete,
+        lock_words,
+    }
 }
 
 #[cfg(test)]

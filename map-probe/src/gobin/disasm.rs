@@ -9,7 +9,10 @@
 //!                 CMPQ R12, 16(R14); JLS morestack
 //! Assembly (ABI0) functions load g from TLS first: MOVQ FS:-8, CX; CMPQ SP, 16(CX).
 
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic,
+    OpAccess, OpKind, Register, RflagsBits,
+};
 
 use super::{GoBinError, ProbePoints};
 
@@ -167,7 +170,9 @@ pub(crate) fn calls_to(code: &[u8], entry: u64, targets: &[u64]) -> Vec<CallSite
     calls
 }
 
-/// One compare-and-swap instruction (`LOCK CMPXCHG`, `LOCK CMPXCHG16B`).
+/// One compare-and-swap instruction (`LOCK CMPXCHG`, `LOCK CMPXCHG16B`),
+/// or another atomic write to memory (`XCHG`, `LOCK XADD`, `LOCK ADD/OR/
+/// AND/...`): the words those write are what false sharing is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CasInsn {
     pub ip: u64,
@@ -186,6 +191,12 @@ pub struct CasInsn {
     /// A branch also lands on `next` (the flags there are not always this
     /// CAS's), or `next` is LOCK-prefixed: no probe goes there.
     pub unsafe_next: bool,
+    /// Not a compare-and-swap: an atomic write that cannot fail.
+    pub write_only: bool,
+    /// The first instruction of a block reached only when this CAS failed
+    /// (found through the SETcc/TEST/Jcc the compiler branches on): a probe
+    /// there counts failures and costs nothing when the CAS succeeds.
+    pub fail_block: Option<u64>,
 }
 
 /// `CAS_REG_*` number of a 64-bit general register, 0 for anything else.
@@ -214,44 +225,48 @@ fn reg_number(r: Register) -> u8 {
         .map_or(0, |i| i as u8 + 1)
 }
 
-/// Every LOCK-prefixed CMPXCHG and CMPXCHG16B in one function's code.
-/// Undecodable bytes end the scan (a corrupt binary gets no points).
+/// Every LOCK-prefixed CMPXCHG and CMPXCHG16B in one function's code, and
+/// every other atomic write to memory. Undecodable bytes end the scan (a
+/// corrupt binary gets no points).
 pub(crate) fn cas_instructions(code: &[u8], entry: u64) -> Vec<CasInsn> {
     let mut dec = Decoder::with_ip(64, code, entry, DecoderOptions::NONE);
-    let mut ins = Instruction::default();
-    let mut out = Vec::new();
-    let mut branched_to = Vec::new();
-    let mut locked = Vec::new();
-    let mut framed = false;
-    let mut n = 0;
+    let mut all = Vec::with_capacity(code.len() / 4);
     while dec.can_decode() {
-        n += 1;
-        dec.decode_out(&mut ins);
+        let ins = dec.decode();
         if ins.code() == Code::INVALID {
             return Vec::new();
         }
-        if ins.has_lock_prefix() {
-            locked.push(ins.ip());
-        }
-        // Go's frame setup, right after the stack check: PUSHQ BP.
-        framed |= n <= 2 * MAX_PROLOGUE
-            && ins.mnemonic() == Mnemonic::Push
-            && is_reg(&ins, 0, Register::RBP);
-        if ins.op0_kind() == OpKind::NearBranch64
-            && (ins.is_jmp_short_or_near() || ins.is_jcc_short_or_near())
-        {
-            branched_to.push(ins.near_branch_target());
-        }
-        let cas = matches!(ins.mnemonic(), Mnemonic::Cmpxchg | Mnemonic::Cmpxchg16b);
-        if !cas || !ins.has_lock_prefix() || ins.op0_kind() != OpKind::Memory {
+        all.push(ins);
+    }
+    // Go's frame setup, right after the stack check: PUSHQ BP.
+    let framed = all
+        .iter()
+        .take(2 * MAX_PROLOGUE)
+        .any(|i| i.mnemonic() == Mnemonic::Push && is_reg(i, 0, Register::RBP));
+    let mut branched_to: Vec<u64> = all
+        .iter()
+        .filter(|i| {
+            i.op0_kind() == OpKind::NearBranch64
+                && (i.is_jmp_short_or_near() || i.is_jcc_short_or_near())
+        })
+        .map(|i| i.near_branch_target())
+        .collect();
+    branched_to.sort_unstable();
+    let locked: Vec<u64> = all
+        .iter()
+        .filter(|i| i.has_lock_prefix())
+        .map(|i| i.ip())
+        .collect();
+    let mut out = Vec::new();
+    for (n, ins) in all.iter().enumerate() {
+        let Some((write_only, clobbered)) = atomic_write(ins) else {
             continue;
-        }
+        };
         let rip = ins.memory_base() == Register::RIP;
-        // CMPXCHG loads RAX (CMPXCHG16B RDX:RAX) on failure: an operand
-        // built from them is gone by the probe, so its address is unknown.
-        let clobbered = |r: Register| matches!(r, Register::RAX | Register::RDX);
-        let (base, index) = if rip || clobbered(ins.memory_base()) || clobbered(ins.memory_index())
-        {
+        // A register the instruction loads (CMPXCHG's RAX, XADD's and XCHG's
+        // source) is gone by the probe: an operand built from it is unknown.
+        let lost = |r: Register| r != Register::None && clobbered.contains(&r.full_register());
+        let (base, index) = if rip || lost(ins.memory_base()) || lost(ins.memory_index()) {
             (0, 0)
         } else {
             (
@@ -259,9 +274,10 @@ pub(crate) fn cas_instructions(code: &[u8], entry: u64) -> Vec<CasInsn> {
                 reg_number(ins.memory_index()),
             )
         };
+        let next = ins.next_ip();
         out.push(CasInsn {
             ip: ins.ip(),
-            next: ins.next_ip(),
+            next,
             base,
             index,
             scale: ins.memory_index_scale() as u8,
@@ -271,14 +287,157 @@ pub(crate) fn cas_instructions(code: &[u8], entry: u64) -> Vec<CasInsn> {
                 ins.memory_displacement64() as i64 as i32
             },
             absolute: rip.then(|| ins.memory_displacement64()),
-            frameless: false,
-            unsafe_next: false,
+            frameless: !framed,
+            unsafe_next: branched_to.binary_search(&next).is_ok() || locked.contains(&next),
+            write_only,
+            fail_block: if write_only {
+                None
+            } else {
+                fail_block(&all, n, &branched_to, &locked)
+            },
         });
     }
-    branched_to.sort_unstable();
-    for c in &mut out {
-        c.frameless = !framed;
-        c.unsafe_next = branched_to.binary_search(&c.next).is_ok() || locked.contains(&c.next);
-    }
     out
+}
+
+/// Whether `ins` writes memory atomically: Some((cannot fail, the
+/// registers it loads)) for a locked read-modify-write or an XCHG with
+/// memory (implicitly locked), None for anything else.
+fn atomic_write(ins: &Instruction) -> Option<(bool, Vec<Register>)> {
+    let mem = (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
+    if !mem {
+        return None;
+    }
+    let regs = || {
+        (0..ins.op_count())
+            .filter(|&i| ins.op_kind(i) == OpKind::Register)
+            .map(|i| ins.op_register(i).full_register())
+            .collect::<Vec<_>>()
+    };
+    match ins.mnemonic() {
+        Mnemonic::Cmpxchg if ins.has_lock_prefix() => Some((false, vec![Register::RAX])),
+        Mnemonic::Cmpxchg16b if ins.has_lock_prefix() => {
+            Some((false, vec![Register::RAX, Register::RDX]))
+        }
+        Mnemonic::Xchg => Some((true, regs())),
+        Mnemonic::Xadd if ins.has_lock_prefix() => Some((true, regs())),
+        Mnemonic::Add
+        | Mnemonic::Sub
+        | Mnemonic::And
+        | Mnemonic::Or
+        | Mnemonic::Xor
+        | Mnemonic::Inc
+        | Mnemonic::Dec
+        | Mnemonic::Neg
+        | Mnemonic::Not
+        | Mnemonic::Bts
+        | Mnemonic::Btr
+        | Mnemonic::Btc
+            if ins.has_lock_prefix() && ins.op0_kind() == OpKind::Memory =>
+        {
+            Some((true, Vec::new()))
+        }
+        _ => None,
+    }
+}
+
+/// How many instructions after a CAS the branch on its result may come.
+const MAX_FLAG_CHAIN: usize = 8;
+
+/// The block only a failed CAS (`all[n]`) reaches, if the compiler laid
+/// one out: it follows the CAS's ZF, directly or through `SETcc r; TEST
+/// r, r`, to the conditional jump that decides, and takes the side that
+/// means "failed" when that side has no other way in (no other branch
+/// lands there; a jump target is not fallen into from above).
+fn fail_block(all: &[Instruction], n: usize, branched_to: &[u64], locked: &[u64]) -> Option<u64> {
+    let mut factory = InstructionInfoFactory::new();
+    // Some(true): ZF set means the CAS swapped.
+    let mut zf_swapped = Some(true);
+    // The register holding "swapped" (true) or "failed" (false) as 0/1.
+    let mut held: Option<(Register, bool)> = None;
+    for (k, ins) in all.iter().enumerate().skip(n + 1).take(MAX_FLAG_CHAIN) {
+        if k > n + 1 && branched_to.binary_search(&ins.ip()).is_ok() {
+            return None;
+        }
+        if ins.is_jcc_short_or_near() {
+            let swapped_if_taken = match (ins.mnemonic(), zf_swapped?) {
+                (Mnemonic::Je, z) => z,
+                (Mnemonic::Jne, z) => !z,
+                _ => return None,
+            };
+            let (dest, fallen_into) = if swapped_if_taken {
+                (ins.next_ip(), true)
+            } else {
+                (ins.near_branch_target(), false)
+            };
+            let ways_in = branched_to.iter().filter(|&&t| t == dest).count();
+            let alone = if fallen_into {
+                ways_in == 0
+            } else {
+                ways_in == 1
+                    && all
+                        .iter()
+                        .position(|i| i.ip() == dest)
+                        .and_then(|p| p.checked_sub(1))
+                        .is_some_and(|p| !falls_through(&all[p]))
+            };
+            let inside = all.iter().any(|i| i.ip() == dest);
+            return (alone && inside && !locked.contains(&dest)).then_some(dest);
+        }
+        match ins.mnemonic() {
+            Mnemonic::Sete | Mnemonic::Setne if ins.op0_kind() == OpKind::Register => {
+                let z = zf_swapped?;
+                let swapped_when_set = if ins.mnemonic() == Mnemonic::Sete {
+                    z
+                } else {
+                    !z
+                };
+                held = Some((ins.op0_register().full_register(), swapped_when_set));
+                continue;
+            }
+            Mnemonic::Test
+                if ins.op0_kind() == OpKind::Register
+                    && ins.op1_kind() == OpKind::Register
+                    && ins.op0_register() == ins.op1_register() =>
+            {
+                let (r, swapped_when_set) = held?;
+                if ins.op0_register().full_register() != r {
+                    return None;
+                }
+                // ZF set: the register is 0.
+                zf_swapped = Some(!swapped_when_set);
+                continue;
+            }
+            _ => {}
+        }
+        if ins.flow_control() != FlowControl::Next {
+            return None;
+        }
+        if ins.rflags_modified() & RflagsBits::ZF != 0 {
+            zf_swapped = None;
+        }
+        if let Some((r, _)) = held {
+            let info = factory.info(ins);
+            let written = info.used_registers().iter().any(|u| {
+                u.register().full_register() == r
+                    && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead)
+            });
+            if written {
+                held = None;
+            }
+        }
+    }
+    None
+}
+
+/// Whether execution can run from `ins` into the instruction after it.
+fn falls_through(ins: &Instruction) -> bool {
+    !matches!(
+        ins.flow_control(),
+        FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::Return
+            | FlowControl::Interrupt
+            | FlowControl::Exception
+    )
 }

@@ -113,6 +113,17 @@ pub struct CasSampling {
     /// time): the loops ran slower inside the windows than between them,
     /// so the scaled estimates are lower bounds (failure ratios still hold).
     pub probe_bound: bool,
+    /// Atomic writes probed beside the CASes (their words only, for false
+    /// sharing), and their raw hits.
+    pub atomic_points: usize,
+    pub raw_atomic_hits: u64,
+    /// CAS points whose failures are counted on a failure-only block, that
+    /// set's raw hits, attached time, windows and scale.
+    pub failure_blocks: usize,
+    pub raw_failure_block_hits: u64,
+    pub failure_block_attached_secs: f64,
+    pub failure_block_windows: u32,
+    pub failure_block_scale: f64,
 }
 
 /// One compare-and-swap instruction in the code in scope, with how often it
@@ -127,12 +138,20 @@ pub struct CasSite {
     pub failures: u64,
     pub raw_attempts: u64,
     pub raw_failures: u64,
-    /// failures / attempts, from the raw counts (scaling cancels out).
+    /// failures / attempts among the CASes the windows saw (scaling cancels
+    /// out; the failure-block count is not mixed in).
     pub failure_ratio: f64,
     /// 95% relative error of `failures` as an estimate (Poisson, from the
     /// raw count; 0 when nothing was scaled).
     pub failures_error: f64,
+    /// What `raw_attempts` is multiplied by.
     pub scale: f64,
+    /// Where `failures` were counted: "failure-block" (a probe on the block
+    /// only a failed CAS reaches, free when the CAS swaps; scaled by
+    /// `failures_scale`) or "after-cas" (the flags after every CAS, in the
+    /// attempts' windows).
+    pub failures_from: &'static str,
+    pub failures_scale: f64,
     /// The word it swapped most often: address, and the global holding it
     /// (`main.counters+8`) where the binary has a symbol table; how many
     /// distinct words it swapped.
@@ -161,11 +180,17 @@ pub struct FalseSharing {
 pub struct SharedWord {
     pub addr: String,
     pub symbol: Option<String>,
+    /// What writes it: a CAS, another atomic write, or a contended lock.
+    pub kind: crate::false_sharing::WordKind,
     pub function: String,
     pub file: String,
     pub line: u32,
-    /// Estimated writes per second while the probes ran.
+    /// Estimated writes per second while the probes ran (a lock's: twice
+    /// its waits, a lower bound).
     pub writes_per_sec: f64,
+    /// A lock's estimated waits per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waits_per_sec: Option<f64>,
     /// Distinct goroutines and CPUs seen writing it (goroutines: at least).
     pub goroutines: usize,
     pub cpus: usize,

@@ -104,8 +104,21 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
     }
     writeln!(
         out,
-        "\n{:>17} {:>17} {:>7} {:>9}  CAS SITE (counts scaled x{:.2}, {} window(s))",
-        "ATTEMPTS(est)", "FAILURES(est)", "FAIL%", "RAW", c.scale, c.windows
+        "\n{:>17} {:>17} {:>7} {:>9}  CAS SITE (attempts scaled x{:.2}, {} window(s){})",
+        "ATTEMPTS(est)",
+        "FAILURES(est)",
+        "FAIL%",
+        "RAW",
+        c.scale,
+        c.windows,
+        if c.failure_blocks > 0 {
+            format!(
+                "; failures of {} site(s) counted where only a failure leads, scaled x{:.2}",
+                c.failure_blocks, c.failure_block_scale
+            )
+        } else {
+            String::new()
+        }
     )?;
     for site in report.cas.iter().take(top) {
         let failures = if site.failures_error > 0.1 {
@@ -140,7 +153,7 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
     if c.probe_bound {
         writeln!(
             out,
-            "     (the CAS probes' own traps slowed these loops inside their windows: the estimates are lower bounds; FAIL% holds)"
+            "     (the CAS probes' own traps slowed these loops inside their windows: ATTEMPTS and FAIL% are lower bounds; failures counted where only a failure leads are not slowed)"
         )?;
     }
     for fs in &report.false_sharing {
@@ -148,12 +161,16 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
             .words
             .iter()
             .map(|w| {
+                let rate = match w.waits_per_sec {
+                    Some(waits) => format!("{} waits/s", group(waits.round() as u64)),
+                    None => format!("{} writes/s", group(w.writes_per_sec.round() as u64)),
+                };
                 format!(
-                    "{} ({}:{}, {}/s)",
+                    "{} ({} at {}:{}, {rate})",
                     w.symbol.as_deref().unwrap_or(&w.addr),
+                    w.kind.as_str(),
                     short_path(&w.file),
                     w.line,
-                    group(w.writes_per_sec.round() as u64)
                 )
             })
             .collect();
