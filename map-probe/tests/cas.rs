@@ -335,7 +335,7 @@ fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
                     args.push(mode);
                 }
                 let fx = start_fixture(&bin, &args);
-                let (_, r) = attach_json(
+                let (out, r) = attach_json(
                     fx.pid(),
                     &format!("falseshare-{op}{mode}-{go:?}"),
                     &[
@@ -387,6 +387,12 @@ fn false_sharing_is_flagged_and_padding_or_true_sharing_is_not() {
                 assert!(
                     fs[0]["suggestion"].as_str().unwrap().contains("pad"),
                     "{what}: {fs:?}"
+                );
+                // The terminal names the pair too, with or without a CAS in scope.
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    text.contains("false sharing? cache line") && text.contains(symbols[1]),
+                    "{what}: {text}"
                 );
             }
         }

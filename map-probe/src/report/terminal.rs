@@ -87,12 +87,23 @@ pub fn print(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()
     Ok(())
 }
 
-/// The promotions behind sync.Map waits (Go 1.19-1.23), where there were any.
-/// CAS sites, most failures first, and the false-sharing suspects.
+/// CAS sites, most failures first, and the false-sharing suspects (which
+/// lock words alone can make, with no CAS in scope).
 fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
-    let Some(c) = &report.sampling.cas else {
-        return Ok(());
-    };
+    match &report.sampling.cas {
+        // Atomic writes alone are probed only for false sharing, below.
+        Some(c) if c.points > 0 => cas_sites(report, c, top, out)?,
+        _ => {}
+    }
+    false_sharing(report, out)
+}
+
+fn cas_sites(
+    report: &Report,
+    c: &super::CasSampling,
+    top: usize,
+    out: &mut impl Write,
+) -> io::Result<()> {
     if report.cas.is_empty() {
         return writeln!(
             out,
@@ -156,6 +167,10 @@ fn cas(report: &Report, top: usize, out: &mut impl Write) -> io::Result<()> {
             "     (the CAS probes' own traps slowed these loops inside their windows: ATTEMPTS and FAIL% are lower bounds; failures counted where only a failure leads are not slowed)"
         )?;
     }
+    Ok(())
+}
+
+fn false_sharing(report: &Report, out: &mut impl Write) -> io::Result<()> {
     for fs in &report.false_sharing {
         let words: Vec<String> = fs
             .words
