@@ -682,27 +682,35 @@ fn cas_fail_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u
         return 0;
     };
     bump(stat::CAS_FAIL_HITS);
-    let regs = unsafe { &*ctx.regs };
     let op = CAS_OPERANDS.get(point).copied().unwrap_or_default();
+    if !cas_site_add(&ctx, point | CAS_FAIL_KEY, &op, true) {
+        bump(stat::CAS_FULL);
+    }
+    0
+}
+
+/// Counts one CAS (failed or not) under `point` and the caller's stack in
+/// `CAS_SITES`; false when the table is full.
+#[inline(always)]
+fn cas_site_add(ctx: &ProbeContext, point: u32, op: &CasOperand, failed: bool) -> bool {
+    let regs = unsafe { &*ctx.regs };
     let caller = if op.flags & CAS_FRAMELESS != 0 {
         unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
     } else {
         0
     };
-    let key = CasKey { point: point | CAS_FAIL_KEY, stack_id: user_stack(&ctx), caller };
+    let key = CasKey { point, stack_id: user_stack(ctx), caller };
     match CAS_SITES.get_ptr_mut(&key) {
         Some(v) => unsafe {
             (*v).attempts += 1;
-            (*v).failures += 1;
+            (*v).failures += failed as u64;
+            true
         },
         None => {
-            let v = CasStats { attempts: 1, failures: 1 };
-            if CAS_SITES.insert(&key, &v, 0).is_err() {
-                bump(stat::CAS_FULL);
-            }
+            let v = CasStats { attempts: 1, failures: failed as u64 };
+            CAS_SITES.insert(&key, &v, 0).is_ok()
         }
     }
-    0
 }
 
 const EFLAGS_ZF: u64 = 1 << 6;
@@ -752,22 +760,7 @@ fn cas_hit(ctx: ProbeContext, cookie_of: impl Fn(&ProbeContext) -> Option<u64>) 
         if failed {
             bump(stat::CAS_FAILS);
         }
-        let caller = if op.flags & CAS_FRAMELESS != 0 {
-            unsafe { bpf_probe_read_user(regs.rsp as *const u64) }.unwrap_or(0)
-        } else {
-            0
-        };
-        let key = CasKey { point, stack_id: user_stack(&ctx), caller };
-        match CAS_SITES.get_ptr_mut(&key) {
-            Some(v) => unsafe {
-                (*v).attempts += 1;
-                (*v).failures += failed as u64;
-            },
-            None => {
-                let v = CasStats { attempts: 1, failures: failed as u64 };
-                full |= CAS_SITES.insert(&key, &v, 0).is_err();
-            }
-        }
+        full |= !cas_site_add(&ctx, point, &op, failed);
     }
     let addr = match op {
         op if op.base != 0 => reg(regs, op.base)

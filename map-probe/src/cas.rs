@@ -391,11 +391,10 @@ pub fn build(
         };
         // Failures from the failure block when it was probed, else from the
         // flags after the CAS.
-        let (failures_from, f_scale, raw_failures) = match scales.failures {
-            Some(f) if p.fail_block => ("failure-block", f, a.fail_hits),
-            _ => ("after-cas", scale, a.failures),
+        let (fail_block, f_scale, raw_failures) = match scales.failures {
+            Some(f) if p.fail_block => (true, f, a.fail_hits),
+            _ => (false, scale, a.failures),
         };
-        let fail_block = failures_from == "failure-block";
         let mut stacks: Vec<(Vec<u64>, [u64; 3])> = a.stacks.into_iter().collect();
         stacks.sort_unstable_by_key(|(pcs, n)| (std::cmp::Reverse(n[0] + n[2]), pcs.clone()));
         let first = cas_stacks.len();
@@ -446,7 +445,11 @@ pub fn build(
                 sites::count_error(raw_failures, f_scale)
             },
             scale,
-            failures_from,
+            failures_from: if fail_block {
+                "failure-block"
+            } else {
+                "after-cas"
+            },
             failures_scale: f_scale,
             target: target.filter(|&t| t != 0).map(|t| format!("{t:#x}")),
             target_symbol: target.filter(|&t| t != 0).and_then(|t| sym.data(t)),

@@ -176,12 +176,18 @@ impl Governor {
 
     /// Elapsed over attached: what raw counts are multiplied by.
     pub fn scale(&self, elapsed: Duration, now: Instant) -> f64 {
-        let attached = self.attached_time(now).min(elapsed);
-        if self.cfg.budget.is_none() || attached.is_zero() {
-            1.0
-        } else {
-            (elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
-        }
+        scale(elapsed, self.attached_time(now), self.cfg.budget.is_some())
+    }
+}
+
+/// Elapsed over attached, for a span a governed set spent `attached` of
+/// attached; 1 when nothing was governed (or nothing attached).
+pub fn scale(elapsed: Duration, attached: Duration, governed: bool) -> f64 {
+    let attached = attached.min(elapsed);
+    if !governed || attached.is_zero() {
+        1.0
+    } else {
+        (elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
     }
 }
 

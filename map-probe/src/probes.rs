@@ -669,20 +669,20 @@ impl Probes {
 
     /// Tells the CAS program how to find each point's memory operand.
     pub fn set_cas_operands(&mut self, ops: &[CasOperand]) -> Result<()> {
-        let mut arr: Array<&mut MapData, CasOperand> =
-            Array::try_from(self.map_mut("CAS_OPERANDS")?)?;
-        for (i, op) in ops.iter().enumerate().take(MAX_CAS_POINTS as usize) {
-            arr.set(i as u32, op, 0)?;
-        }
-        Ok(())
+        self.fill_per_point("CAS_OPERANDS", ops)
     }
 
     /// Tells the failure-block program which CAS point each of its points
     /// belongs to.
     pub fn set_cas_fail_of(&mut self, of: &[u32]) -> Result<()> {
-        let mut arr: Array<&mut MapData, u32> = Array::try_from(self.map_mut("CAS_FAIL_OF")?)?;
-        for (i, p) in of.iter().enumerate().take(MAX_CAS_POINTS as usize) {
-            arr.set(i as u32, p, 0)?;
+        self.fill_per_point("CAS_FAIL_OF", of)
+    }
+
+    /// Writes `values` into the per-CAS-point array `name`, index by index.
+    fn fill_per_point<T: aya::Pod>(&mut self, name: &str, values: &[T]) -> Result<()> {
+        let mut arr: Array<&mut MapData, T> = Array::try_from(self.map_mut(name)?)?;
+        for (i, v) in values.iter().enumerate().take(MAX_CAS_POINTS as usize) {
+            arr.set(i as u32, v, 0)?;
         }
         Ok(())
     }

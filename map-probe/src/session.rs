@@ -810,11 +810,7 @@ impl Observation {
                 .find(|(set, _)| set.purpose == p)
                 .map(|(set, (attached, windows))| {
                     let governed = set.gov.config().budget.is_some();
-                    let scale = if !governed || attached.is_zero() {
-                        1.0
-                    } else {
-                        (s.elapsed.as_secs_f64() / attached.as_secs_f64()).max(1.0)
-                    };
+                    let scale = governor::scale(s.elapsed, *attached, governed);
                     (set, *attached, *windows, scale)
                 })
         };

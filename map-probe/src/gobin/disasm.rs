@@ -370,19 +370,15 @@ fn fail_block(all: &[Instruction], n: usize, branched_to: &[u64], locked: &[u64]
             } else {
                 (ins.near_branch_target(), false)
             };
+            // Not inside the function (or not on an instruction): no block.
+            let at = all.iter().position(|i| i.ip() == dest)?;
             let ways_in = branched_to.iter().filter(|&&t| t == dest).count();
             let alone = if fallen_into {
                 ways_in == 0
             } else {
-                ways_in == 1
-                    && all
-                        .iter()
-                        .position(|i| i.ip() == dest)
-                        .and_then(|p| p.checked_sub(1))
-                        .is_some_and(|p| !falls_through(&all[p]))
+                ways_in == 1 && at.checked_sub(1).is_some_and(|p| !falls_through(&all[p]))
             };
-            let inside = all.iter().any(|i| i.ip() == dest);
-            return (alone && inside && !locked.contains(&dest)).then_some(dest);
+            return (alone && !locked.contains(&dest)).then_some(dest);
         }
         match ins.mnemonic() {
             Mnemonic::Sete | Mnemonic::Setne if ins.op0_kind() == OpKind::Register => {
