@@ -139,6 +139,23 @@ impl Governor {
         }
     }
 
+    /// Keeps the probes in after `tick` said `Detach` (the steady lock tier
+    /// moves its hot points out instead of unplanting every point): the
+    /// stretch so far counts as attached, and the next is judged afresh.
+    pub fn keep(&mut self, now: Instant, hits: u64) {
+        if let Some(ws) = self.window_start {
+            self.attached += now.saturating_duration_since(ws);
+            self.window_start = Some(now);
+            self.window_hits0 = hits;
+            self.window_len = self.cfg.window;
+        }
+    }
+
+    /// When the window now open began being judged.
+    pub fn judged_since(&self) -> Option<Instant> {
+        self.window_start
+    }
+
     /// `start`/`end` bracket the attach call.
     pub fn attached_at(&mut self, start: Instant, end: Instant, hits: u64) {
         self.window_start = Some(start + (end - start) / 2);

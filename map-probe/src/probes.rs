@@ -74,6 +74,33 @@ struct Member {
     cookie: u64,
 }
 
+/// The steady lock tier is planted in links of about this many points, so
+/// that a point leaving it (it heated up) re-plants the rest of its group,
+/// not the tier. Planting a uprobe has the kernel replace the probed page of
+/// the target's text under its mmap lock: on Debian's caddy (887 points),
+/// re-planting the whole steady tier whenever the tiers were re-sorted cost
+/// the server's p99 28-41% under load.
+const STEADY_CHUNK: usize = 32;
+
+/// Steady lock points planted together in one link.
+struct Chunk {
+    /// Indexes into `Probes::lock_points`.
+    members: Vec<usize>,
+    points: usize,
+    handle: Handle,
+}
+
+/// How many probe points were planted and removed so far: what the target
+/// paid in page replacements, whatever their hits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Planting {
+    pub planted: u64,
+    pub removed: u64,
+    /// The steady lock tier's share of the above.
+    pub steady_planted: u64,
+    pub steady_removed: u64,
+}
+
 /// The uprobes of one slot, (offset, cookie) each, and their links while attached.
 struct Set {
     purpose: Purpose,
@@ -82,6 +109,10 @@ struct Set {
     rets: Vec<(u64, u64)>,
     entry_link: Option<Handle>,
     ret_link: Option<Handle>,
+    /// The steady lock tier's links (its only ones).
+    chunks: Vec<Chunk>,
+    /// Points planted by `entry_link` and `ret_link`.
+    planted: usize,
     /// The RET link's time in: since it was planted, and before.
     ends_since: Option<Instant>,
     ends_time: Duration,
@@ -93,8 +124,13 @@ impl Set {
     }
 
     fn is_linked(&self) -> bool {
-        self.entry_link.is_some() || self.ret_link.is_some()
+        self.entry_link.is_some() || self.ret_link.is_some() || !self.chunks.is_empty()
     }
+}
+
+/// The steady lock tier: planted in chunks that stay while their points do.
+fn chunked(slot: Slot) -> bool {
+    slot.purpose == Purpose::LockWait && slot.tier == 0
 }
 
 /// An attached link: made by a child (uprobe_multi; see `links`), or one
@@ -217,6 +253,7 @@ pub struct Probes {
     tiers: Vec<u8>,
     /// What one trap costs on this host, when measured (`calibrate`).
     pub trap_cost: Option<Duration>,
+    pub planting: Planting,
 }
 
 impl Probes {
@@ -311,6 +348,8 @@ impl Probes {
                     rets,
                     entry_link: None,
                     ret_link: None,
+                    chunks: Vec::new(),
+                    planted: 0,
                     ends_since: None,
                     ends_time: Duration::ZERO,
                 });
@@ -331,6 +370,7 @@ impl Probes {
             tiers: vec![0; lock_points.len()],
             lock_points,
             trap_cost: None,
+            planting: Planting::default(),
         })
     }
 
@@ -361,6 +401,12 @@ impl Probes {
                 continue;
             }
             changed[tier as usize] = true;
+            if chunked(slot) && set.is_linked() {
+                set.entries = entries;
+                set.rets = rets;
+                self.move_steady(tiers)?;
+                continue;
+            }
             let was_attached = set.is_linked();
             let had_ends = set.ends_since.is_some();
             if was_attached {
@@ -379,6 +425,113 @@ impl Probes {
         }
         self.tiers = tiers.to_vec();
         Ok(changed)
+    }
+
+    /// Re-plants only the steady chunks a point left, and plants the points
+    /// that joined as chunks of their own; the rest stay planted.
+    fn move_steady(&mut self, tiers: &[u8]) -> Result<()> {
+        let steady: std::collections::HashSet<usize> = (0..self.lock_points.len())
+            .filter(|&i| tiers.get(i) == Some(&0))
+            .collect();
+        let Some(set) = self.steady_set() else {
+            return Ok(());
+        };
+        let mut held = std::collections::HashSet::new();
+        let mut broken = Vec::new();
+        let mut kept = Vec::new();
+        for c in std::mem::take(&mut set.chunks) {
+            held.extend(c.members.iter().copied());
+            if c.members.iter().all(|m| steady.contains(m)) {
+                kept.push(c);
+            } else {
+                broken.push(c);
+            }
+        }
+        set.chunks = kept;
+        let mut replant = Vec::new();
+        for c in broken {
+            replant.extend(c.members.iter().copied().filter(|m| steady.contains(m)));
+            self.drop_chunk(c)?;
+        }
+        let mut joined: Vec<usize> = steady.difference(&held).copied().collect();
+        joined.sort_unstable();
+        replant.sort_unstable();
+        if replant.is_empty() && joined.is_empty() {
+            return Ok(());
+        }
+        // Waits begun while a re-planted point's end was out may have ended
+        // unseen: their starts are stale.
+        self.control.lock_since_ns[0] = monotonic_ns();
+        let control = self.control;
+        Array::<&mut MapData, Control>::try_from(self.map_mut("CONTROL")?)?.set(0, &control, 0)?;
+        self.plant_steady(&replant)?;
+        self.plant_steady(&joined)
+    }
+
+    /// Plants `members` (steady lock points) in chunks of about `STEADY_CHUNK`.
+    fn plant_steady(&mut self, members: &[usize]) -> Result<()> {
+        let mut group = Vec::new();
+        let mut n = 0;
+        for &m in members {
+            let Some(p) = self.lock_points.get(m) else {
+                continue;
+            };
+            let k = usize::from(p.entry.is_some()) + p.rets.len();
+            if n > 0 && n + k > STEADY_CHUNK {
+                self.plant_chunk(std::mem::take(&mut group))?;
+                n = 0;
+            }
+            group.push(m);
+            n += k;
+        }
+        if !group.is_empty() {
+            self.plant_chunk(group)?;
+        }
+        Ok(())
+    }
+
+    /// One steady link: its entries first, then its ends (see `attach_with`).
+    fn plant_chunk(&mut self, members: Vec<usize>) -> Result<()> {
+        let (mut points, rets) = member_points(members.iter().map(|&m| &self.lock_points[m]), 0);
+        points.extend(rets);
+        if points.is_empty() {
+            return Ok(());
+        }
+        let (target, pid) = (self.target.clone(), self.pid);
+        let handle = attach_points(
+            &mut self.ebpf,
+            self.mode,
+            Purpose::LockWait,
+            &points,
+            &target,
+            pid,
+        )?;
+        let n = points.len() as u64;
+        self.planting.planted += n;
+        self.planting.steady_planted += n;
+        if let Some(set) = self.steady_set() {
+            set.chunks.push(Chunk {
+                members,
+                points: points.len(),
+                handle,
+            });
+        }
+        Ok(())
+    }
+
+    fn drop_chunk(&mut self, c: Chunk) -> Result<()> {
+        let n = c.points as u64;
+        drop_link(&mut self.ebpf, self.mode, Purpose::LockWait, c.handle)?;
+        self.planting.removed += n;
+        self.planting.steady_removed += n;
+        Ok(())
+    }
+
+    /// The steady lock set, even while it holds no point.
+    fn steady_set(&mut self) -> Option<&mut Set> {
+        self.sets
+            .iter_mut()
+            .find(|s| s.purpose == Purpose::LockWait && s.tier == 0)
     }
 
     fn set(&mut self, slot: Slot) -> Option<&mut Set> {
@@ -428,6 +581,19 @@ impl Probes {
         let Some(set) = self.set(slot) else {
             return Ok(t.elapsed());
         };
+        if chunked(slot) {
+            let members: Vec<usize> = (0..self.lock_points.len())
+                .filter(|&i| self.tiers.get(i) == Some(&0))
+                .collect();
+            if let Err(e) = self.plant_steady(&members) {
+                let _ = self.detach(slot);
+                return Err(e);
+            }
+            if let Some(set) = self.set(slot) {
+                set.ends_since = Some(Instant::now());
+            }
+            return Ok(t.elapsed());
+        }
         let (entries, rets) = (set.entries.clone(), set.rets.clone());
         // Map writes plant their RETs first: an entry seen before its RET is
         // live would leave a write "inside" until the window closes, and two
@@ -456,7 +622,9 @@ impl Probes {
                 return Ok(t.elapsed());
             }
             let link = attach_points(&mut self.ebpf, self.mode, purpose, &all, &target, pid)?;
+            self.planting.planted += all.len() as u64;
             if let Some(set) = self.set(slot) {
+                set.planted += all.len();
                 set.entry_link = Some(link);
                 set.ends_since = ends.then(Instant::now);
             }
@@ -470,7 +638,13 @@ impl Probes {
             let entry_link =
                 attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
             let entry_link = match entry_link {
-                Ok(l) => l,
+                Ok(l) => {
+                    self.planting.planted += entries.len() as u64;
+                    if let Some(set) = self.set(slot) {
+                        set.planted += entries.len();
+                    }
+                    l
+                }
                 Err(e) => {
                     let _ = self.detach(slot);
                     return Err(e);
@@ -496,7 +670,9 @@ impl Probes {
         }
         let (target, pid) = (self.target.clone(), self.pid);
         let l = attach_points(&mut self.ebpf, self.mode, slot.purpose, rets, &target, pid)?;
+        self.planting.planted += rets.len() as u64;
         if let Some(set) = self.set(slot) {
+            set.planted += rets.len();
             set.ret_link = Some(l);
             set.ends_since = Some(Instant::now());
         }
@@ -513,15 +689,28 @@ impl Probes {
         let slot = slot.into();
         let purpose = slot.purpose;
         let t = Instant::now();
-        let Some(set) = self.set(slot) else {
+        let set = if chunked(slot) {
+            self.steady_set()
+        } else {
+            self.set(slot)
+        };
+        let Some(set) = set else {
             return Ok(t.elapsed());
         };
-        let (entry, ret) = (set.entry_link.take(), set.ret_link.take());
         if let Some(since) = set.ends_since.take() {
             set.ends_time += t.saturating_duration_since(since);
         }
+        if chunked(slot) {
+            for c in std::mem::take(&mut set.chunks) {
+                self.drop_chunk(c)?;
+            }
+            return Ok(t.elapsed());
+        }
+        let (entry, ret) = (set.entry_link.take(), set.ret_link.take());
+        let removed = std::mem::take(&mut set.planted) as u64;
         let offsets: Vec<u64> = set.entries.iter().map(|&(o, _)| o).collect();
         let ret_offsets: Vec<u64> = set.rets.iter().map(|&(o, _)| o).collect();
+        self.planting.removed += removed;
         let (mode, ebpf) = (self.mode, &mut self.ebpf);
         if let Some(h) = entry {
             drop_link(ebpf, mode, purpose, h)?;
@@ -821,9 +1010,13 @@ impl Drop for Probes {
     /// so when it exits nothing of it is left in the kernel.
     fn drop(&mut self) {
         for set in &mut self.sets {
+            let chunks = std::mem::take(&mut set.chunks)
+                .into_iter()
+                .map(|c| c.handle);
             for h in [set.entry_link.take(), set.ret_link.take()]
                 .into_iter()
                 .flatten()
+                .chain(chunks)
             {
                 if let Handle::Child(l) = h {
                     let _ = l.detach();
@@ -867,9 +1060,20 @@ impl calibrate::Probe for Probes {
 type Points = Vec<(u64, u64)>;
 
 fn tier_points(members: &[Member], tiers: &[u8], tier: u8) -> (Points, Points) {
+    member_points(
+        members
+            .iter()
+            .zip(tiers)
+            .filter(|(_, t)| **t == tier)
+            .map(|(m, _)| m),
+        tier,
+    )
+}
+
+fn member_points<'a>(members: impl Iterator<Item = &'a Member>, tier: u8) -> (Points, Points) {
     let mut entries = Vec::new();
     let mut rets = Vec::new();
-    for (m, _) in members.iter().zip(tiers).filter(|(_, t)| **t == tier) {
+    for m in members {
         let cookie = m.cookie | u64::from(tier) << COOKIE_TIER_SHIFT;
         entries.extend(m.entry.map(|e| (e, cookie)));
         rets.extend(m.rets.iter().map(|&r| (r, cookie | COOKIE_RET)));

@@ -149,6 +149,19 @@ const ENDS_EVERY: u32 = 8;
 /// How often the loop checks that the target still lives, and passes on
 /// what the eBPF programs logged.
 const ALIVE_EVERY: Duration = Duration::from_millis(50);
+/// A steady point is moved out when its hits beyond its measured rate are
+/// at least this many, and this share of all such excess in the tier.
+const EVICT_MIN_HITS: f64 = 8.0;
+const EVICT_SHARE: f64 = 0.2;
+/// The steady tier closes whole only when, with no point to blame, it costs
+/// this share of the whole lock budget: its own share is what its points
+/// cost when last measured, which any noise exceeds, and re-planting every
+/// point is what costs the target.
+const STEADY_CLOSE_OVER: f64 = 1.0;
+/// ... judged over at least this long since the last re-sort.
+const STEADY_JUDGED_OVER: Duration = Duration::from_millis(200);
+/// Steady evictions are looked for at most this often.
+const EVICT_EVERY: Duration = Duration::from_millis(50);
 
 /// A governed probe set: its purpose, its governor and which counters feed it.
 struct Governed {
@@ -157,6 +170,9 @@ struct Governed {
     tier: u8,
     gov: Governor,
     counters: Vec<u32>,
+    /// The steady lock tier went over its budget: move its hot points out
+    /// rather than unplant them all (see `Observation::evict_hot`).
+    evict: bool,
 }
 
 impl Governed {
@@ -177,10 +193,16 @@ impl Governed {
                 );
                 self.gov.attached_at(a, Instant::now(), self.hits(stats));
             }
+            Decision::Detach if self.keeps_planted() => self.evict = true,
             Decision::Detach => self.close(probes)?,
             Decision::Stay => {}
         }
         Ok(())
+    }
+
+    /// The steady lock tier, governed: its points stay planted.
+    fn keeps_planted(&self) -> bool {
+        self.purpose == Purpose::LockWait && self.tier == 0 && self.gov.config().budget.is_some()
     }
 
     /// Whether the window about to open plants the end probes too.
@@ -258,6 +280,30 @@ pub struct Observation {
     /// (the agent: the fixed-size map must not fill over days).
     pub evict_idle: bool,
     logs_flushed: Instant,
+    /// Every lock point's hits (entries, ends) when last read, and when.
+    point_mark: (Vec<u64>, Vec<u64>, Instant),
+    /// The steady tier's hits then.
+    steady_mark: u64,
+    evictions: u32,
+    evict_tried: Instant,
+    /// map-probe's CPU time when the observation began.
+    cpu_at_start: Duration,
+}
+
+/// CPU time of this process and of its reaped children (the link planters).
+pub fn self_cpu() -> Duration {
+    let of = |who| {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+            return Duration::ZERO;
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
 }
 
 fn unix_nanos() -> u64 {
@@ -312,6 +358,7 @@ impl Observation {
                     tier: t as u8,
                     gov,
                     counters: vec![tier_stat(t, false), tier_stat(t, true)],
+                    evict: false,
                 }
             })
             .collect();
@@ -321,6 +368,7 @@ impl Observation {
                 tier: 0,
                 gov: Governor::new(costed(cfg), start),
                 counters: vec![stat::MAP_HITS, stat::MAP_RET_HITS],
+                evict: false,
             });
         }
         if let (Some((cfg, _)), true) = (&opts.cas, probes.has(Purpose::Cas)) {
@@ -343,6 +391,7 @@ impl Observation {
                 tier: 0,
                 gov: Governor::new(share(if fail { 1.0 - CAS_FAIL_SHARE } else { 1.0 }), start),
                 counters: vec![stat::CAS_HITS, stat::ATOMIC_HITS],
+                evict: false,
             });
             if fail {
                 sets.push(Governed {
@@ -350,6 +399,7 @@ impl Observation {
                     tier: 0,
                     gov: Governor::new(share(CAS_FAIL_SHARE), start),
                     counters: vec![stat::CAS_FAIL_HITS],
+                    evict: false,
                 });
             }
         }
@@ -389,6 +439,11 @@ impl Observation {
             budget_total: opts.budget_total,
             evict_idle: false,
             logs_flushed: start,
+            point_mark: (Vec::new(), Vec::new(), start),
+            steady_mark: 0,
+            evictions: 0,
+            evict_tried: start,
+            cpu_at_start: self_cpu(),
         }
     }
 
@@ -411,6 +466,32 @@ impl Observation {
         for s in &mut self.sets {
             if let Err(e) = s.step(&mut self.probes, now, &stats) {
                 // The target may have exited between the check and the attach.
+                if !self.target.alive() {
+                    return Ok(Step::Gone);
+                }
+                return Err(e);
+            }
+        }
+        if std::mem::take(&mut self.sets[0].evict) {
+            // Reading every point's hits costs map-probe a syscall a point.
+            let evicted = if now.saturating_duration_since(self.evict_tried) >= EVICT_EVERY {
+                self.evict_tried = now;
+                match self.evict_hot(now) {
+                    Ok(e) => e,
+                    Err(_) if !self.target.alive() => return Ok(Step::Gone),
+                    Err(e) => return Err(e),
+                }
+            } else {
+                false
+            };
+            let hits = self.sets[0].hits(&self.probes.stats()?);
+            // No point stood out: the tier as a whole ran over. Noise is
+            // kept (the next re-sort re-weighs every point); a tier far over
+            // since the last re-sort is closed, as any governed set is.
+            let over = self.steady_overspend(now, hits);
+            if evicted || over < STEADY_CLOSE_OVER {
+                self.sets[0].gov.keep(Instant::now(), hits);
+            } else if let Err(e) = self.sets[0].close(&mut self.probes) {
                 if !self.target.alive() {
                     return Ok(Step::Gone);
                 }
@@ -450,6 +531,94 @@ impl Observation {
         ))
     }
 
+    /// The steady tier spent its window's budget: finds the points whose
+    /// hits since the last read far exceed what their measured rate
+    /// predicts (a lock that began to contend) and re-sorts with them at
+    /// the rate they just showed, so only their chunks are re-planted.
+    /// False when no point stands out (the whole tier warmed): the caller
+    /// closes the tier as before.
+    fn evict_hot(&mut self, now: Instant) -> Result<bool> {
+        let Some(since) = self.sets[0].gov.judged_since() else {
+            return Ok(false);
+        };
+        let (entries, ends) = self.probes.point_hits()?;
+        let (e0, n0, at) = &self.point_mark;
+        let dt = now.saturating_duration_since(*at).as_secs_f64();
+        let window = now
+            .saturating_duration_since(since)
+            .max(Duration::from_millis(5))
+            .as_secs_f64();
+        let tiers = self.probes.tiers().to_vec();
+        let mut excess: Vec<(usize, f64, f64)> = (0..entries.len())
+            .filter(|&i| tiers.get(i) == Some(&0))
+            .map(|i| {
+                let de = entries[i].saturating_sub(e0.get(i).copied().unwrap_or(0)) as f64;
+                let dn = ends[i].saturating_sub(n0.get(i).copied().unwrap_or(0)) as f64;
+                let expected = self.tiers.rate(i) * dt;
+                let share = de / (de + dn).max(1.0);
+                let x = (de + dn - expected).max(0.0);
+                (i, x * share, x * (1.0 - share))
+            })
+            .filter(|&(_, e, n)| e + n >= EVICT_MIN_HITS)
+            .collect();
+        let total: f64 = excess.iter().map(|&(_, e, n)| e + n).sum();
+        excess.retain(|&(_, e, n)| e + n >= total * EVICT_SHARE);
+        if excess.is_empty() {
+            if self.steady_overspend(now, self.sets[0].hits(&self.probes.stats()?))
+                < STEADY_CLOSE_OVER
+            {
+                return Ok(false);
+            }
+            // Far over with no point standing out: weigh every steady point
+            // by its hits since the last re-sort alone.
+            excess = (0..entries.len())
+                .filter(|&i| tiers.get(i) == Some(&0))
+                .map(|i| {
+                    let de = entries[i].saturating_sub(e0.get(i).copied().unwrap_or(0)) as f64;
+                    let dn = ends[i].saturating_sub(n0.get(i).copied().unwrap_or(0)) as f64;
+                    (i, de * window / dt.max(1e-3), dn * window / dt.max(1e-3))
+                })
+                .filter(|&(_, e, n)| e + n > 0.0)
+                .collect();
+        }
+        let time = tiers::TierTime {
+            entries: self.tier_attached(now),
+            ends: self.sets[..LOCK_TIERS]
+                .iter()
+                .map(|s| self.probes.ends_attached(s.slot(), now))
+                .collect(),
+        };
+        for &(i, e, n) in &excess {
+            self.tiers
+                .heat(i, (e / window, n / window), (entries[i], ends[i]), &time);
+        }
+        log::debug!(
+            "steady tier over budget: moving out {:?}",
+            excess.iter().map(|x| x.0).collect::<Vec<_>>()
+        );
+        let before = self.probes.tiers().to_vec();
+        self.rebalance(now)?;
+        let moved = self.probes.tiers() != before.as_slice();
+        self.evictions += u32::from(moved);
+        Ok(moved)
+    }
+
+    /// The steady tier's cost since the last re-sort over what every lock
+    /// tier together may cost; 0 until that stretch is long enough to judge.
+    fn steady_overspend(&self, now: Instant, hits: u64) -> f64 {
+        let cfg = self.sets[0].gov.config();
+        let dt = now.saturating_duration_since(self.point_mark.2);
+        let Some(b) = cfg
+            .budget
+            .map(|_| self.lock_budget)
+            .filter(|&b| b > 0.0 && dt >= STEADY_JUDGED_OVER)
+        else {
+            return 0.0;
+        };
+        let n = hits.saturating_sub(self.steady_mark) as f64;
+        n * cfg.hit_cost.as_secs_f64() / dt.as_secs_f64() / b
+    }
+
     /// Each lock tier's attached time so far.
     fn tier_attached(&self, now: Instant) -> Vec<Duration> {
         self.sets[..LOCK_TIERS]
@@ -461,6 +630,8 @@ impl Observation {
     fn rebalance(&mut self, now: Instant) -> Result<()> {
         self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
         let (entries, ends) = self.probes.point_hits()?;
+        self.point_mark = (entries.clone(), ends.clone(), now);
+        self.steady_mark = self.sets[0].hits(&self.probes.stats()?);
         let cfg = *self.sets[0].gov.config();
         if cfg.budget.is_none() {
             return Ok(());
@@ -500,7 +671,13 @@ impl Observation {
             }
 
             let hits = self.sets[tier].hits(&self.probes.stats()?);
-            self.sets[tier].gov.restart(relink, Instant::now(), hits);
+            if self.sets[tier].keeps_planted() && self.probes.attached(slot) {
+                // Only the chunks that changed were re-planted: the tier
+                // stays in, judged afresh from now.
+                self.sets[tier].gov.keep(Instant::now(), hits);
+            } else {
+                self.sets[tier].gov.restart(relink, Instant::now(), hits);
+            }
         }
         Ok(())
     }
@@ -780,6 +957,25 @@ impl Observation {
                 window_ms: cfg.window.as_millis() as u64,
                 map_writes,
                 cas: cas_sampling,
+                planting: {
+                    let p = self.probes.planting;
+                    report::Planting {
+                        points_planted: p.planted,
+                        points_removed: p.removed,
+                        steady_points_planted: p.steady_planted,
+                        steady_points_removed: p.steady_removed,
+                        steady_evictions: self.evictions,
+                    }
+                },
+                self_cpu: {
+                    let observing = self_cpu().saturating_sub(self.cpu_at_start);
+                    let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+                    report::SelfCpu {
+                        start_secs: self.cpu_at_start.as_secs_f64(),
+                        observing_secs: observing.as_secs_f64(),
+                        observing_percent: observing.as_secs_f64() / wall * 100.0,
+                    }
+                },
             },
             probes: sites::probe_hits(s.raw, &self.plans.locks.points),
             drops,

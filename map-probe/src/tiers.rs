@@ -58,6 +58,14 @@ impl Observed {
         }
     }
 
+    /// A rate seen over a short stretch just now (a burst): it stands
+    /// until more is seen.
+    fn heat(&mut self, rate: f64, hits: u64, tier_time: Duration) {
+        self.rate = self.rate.max(rate);
+        self.hits0 = hits;
+        self.at0 = self.now(tier_time);
+    }
+
     fn moved(&mut self, from: Duration, to: Duration) {
         self.banked += from.saturating_sub(self.joined);
         self.joined = to;
@@ -115,6 +123,23 @@ impl Tiers {
     pub fn observed(&self, i: usize, tier_attached: &[Duration]) -> Duration {
         let p = &self.points[i];
         p.entries.now(at(tier_attached, p.tier))
+    }
+
+    /// Point `i`'s hits per second (entries and ends) at its last measurement.
+    pub fn rate(&self, i: usize) -> f64 {
+        self.points
+            .get(i)
+            .map_or(0.0, |p| p.entries.rate + p.ends.rate)
+    }
+
+    /// Point `i` just hit at `rates` (entries, ends) per second, far above
+    /// its measured rate: the next re-sort places it by that.
+    pub fn heat(&mut self, i: usize, rates: (f64, f64), hits: (u64, u64), time: &TierTime) {
+        let Some(p) = self.points.get_mut(i) else {
+            return;
+        };
+        p.entries.heat(rates.0, hits.0, at(&time.entries, p.tier));
+        p.ends.heat(rates.1, hits.1, at(&time.ends, p.tier));
     }
 
     pub fn all_observed(&self, tier_attached: &[Duration]) -> Vec<Duration> {

@@ -192,3 +192,79 @@ fn caddy_overlaps_are_races_the_race_detector_sees() {
         r["risks"]
     );
 }
+
+/// What planting costs must not grow with the binary: on Debian's caddy (887 lock call sites)
+/// under load at the default budget, the steady tier's points are planted about once a run, and
+/// a point that heats up re-plants only its group. Before, the steady tier was unplanted and
+/// re-planted whole up to 9 times in 14 s (12,100 steady points planted in one run) and caddy's
+/// p99 rose 28-41%.
+#[test]
+fn caddy_steady_points_are_planted_once() {
+    require_root();
+    assert!(
+        Path::new(DEBIAN_CADDY).is_file(),
+        "Debian's caddy is missing: run `cargo xtask setup`"
+    );
+    let (front, back) = (free_port(), free_port());
+    let caddy = start_caddy(
+        Path::new(DEBIAN_CADDY),
+        &caddyfile("caddy-planting", front, back),
+        front,
+        &[],
+    );
+    let secs = 10;
+    let wrk = load(front, secs + 3);
+    std::thread::sleep(Duration::from_secs(1));
+    let (out, r) = common::attach_json(
+        caddy.pid(),
+        "caddy-planting",
+        &["--duration", &secs.to_string()],
+    );
+    wrk.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = &r["sampling"];
+    let p = &s["planting"];
+    // One full planting of every lock point's entry and ends.
+    let once: u64 = r["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| u64::from(q["entry_offset"].is_u64()) + q["ret_offsets"].as_u64().unwrap_or(0))
+        .sum();
+    let steady = s["lock_tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tier"] == 0)
+        .expect("a steady tier");
+    eprintln!(
+        "caddy: {} lock points ({once} uprobes once); planting {p}; steady tier {steady}",
+        r["probes"].as_array().unwrap().len()
+    );
+    assert!(
+        r["probes"].as_array().unwrap().len() >= 800,
+        "caddy has ~887 lock sites: {}",
+        r["probes"].as_array().unwrap().len()
+    );
+    let planted = p["steady_points_planted"].as_u64().unwrap();
+    assert!(
+        planted <= once + once / 2,
+        "the steady tier was re-planted: {planted} points planted, {once} once: {p}"
+    );
+    assert_eq!(
+        p["steady_points_removed"], p["steady_points_planted"],
+        "every steady point planted is removed by the end: {p}"
+    );
+    assert!(
+        steady["windows"].as_u64().unwrap() <= 2,
+        "the steady tier closed and re-opened: {steady}"
+    );
+    assert!(
+        steady["attached_secs"].as_f64().unwrap() >= 0.8 * s["elapsed_secs"].as_f64().unwrap(),
+        "the steady tier was out for long: {steady}"
+    );
+}

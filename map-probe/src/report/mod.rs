@@ -94,6 +94,35 @@ pub struct Sampling {
     pub lock_tiers: Vec<LockTier>,
     /// The CAS probes' own windows (absent when no CAS is in scope).
     pub cas: Option<CasSampling>,
+    /// Probe points planted into and removed from the target (every
+    /// purpose, entries and RETs); each is a page of its text replaced.
+    pub planting: Planting,
+    /// map-probe's own CPU time (its threads and the children that plant
+    /// and remove links): before the observation began (reading the
+    /// binary, finding the points, measuring the trap, the first attach)
+    /// and since.
+    pub self_cpu: SelfCpu,
+}
+
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct SelfCpu {
+    pub start_secs: f64,
+    pub observing_secs: f64,
+    /// `observing_secs` over the observation's wall time, in % of one CPU.
+    pub observing_percent: f64,
+}
+
+/// What planting cost the target: a count of points, whatever their hits.
+#[derive(Serialize, Debug, Default, Clone, Copy)]
+pub struct Planting {
+    pub points_planted: u64,
+    pub points_removed: u64,
+    /// The steady lock tier's, which should be planted about once a run.
+    pub steady_points_planted: u64,
+    pub steady_points_removed: u64,
+    /// Steady points moved out because they heated up, each re-planting
+    /// only its group of points (`probes::STEADY_CHUNK`).
+    pub steady_evictions: u32,
 }
 
 #[derive(Serialize, Debug)]
@@ -462,6 +491,8 @@ pub(crate) mod tests {
                 map_writes: None,
                 lock_tiers: Vec::new(),
                 cas: None,
+                planting: Planting::default(),
+                self_cpu: SelfCpu::default(),
             },
             probes: Vec::new(),
             drops: Drops::default(),
