@@ -15,13 +15,17 @@
 //! session endpoint (map-write probes); both attach with map-probe's default probes.
 
 mod agent;
+mod caddy;
+mod collector;
 mod json;
 mod procs;
+mod stats;
 mod wrk;
 
 use crate::util::{self, cmd, step};
 use json::J;
 use procs::{Agent, Service};
+use stats::{median, median_interval, pct, ratio_interval};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +50,8 @@ struct Mode {
     script_args: &'static [&'static str],
     /// Extra `map-probe attach` arguments for this mode.
     probe_args: &'static [&'static str],
+    /// Debian's caddy instead of a fixture (see `caddy`).
+    caddy: bool,
 }
 
 const MODES: &[Mode] = &[Mode {
@@ -58,6 +64,7 @@ const MODES: &[Mode] = &[Mode {
     script: "httpcache.lua",
     script_args: &["64"],
     probe_args: &[],
+    caddy: false,
 }, Mode {
     name: "map",
     about: "default probes on fixtures/httpcache /session (some twenty plain-map writes per request)",
@@ -68,6 +75,7 @@ const MODES: &[Mode] = &[Mode {
     script: "session.lua",
     script_args: &[],
     probe_args: &[],
+    caddy: false,
 }, Mode {
     name: "cas",
     about: "default probes on fixtures/casservice /hit (HTTP service whose statistics are CAS loops: CAS probes in scope)",
@@ -78,6 +86,19 @@ const MODES: &[Mode] = &[Mode {
     script: "cas.lua",
     script_args: &[],
     probe_args: &[],
+    caddy: false,
+}, Mode {
+    name: "caddy",
+    about: "default probes on Debian's caddy (/usr/bin/caddy: Go 1.19, stripped, externally linked, \
+            887 lock call sites) as a reverse proxy to its own file server",
+    fixture: "caddy",
+    fixture_args: &[],
+    ready_prefix: "",
+    url_path: "/index.html",
+    script: "",
+    script_args: &[],
+    probe_args: &[],
+    caddy: true,
 }];
 
 const USAGE: &str = "usage: cargo xtask bench [options]
@@ -87,7 +108,7 @@ and compares throughput, p99 latency and the service's CPU time per request (med
 
 options:
   --mode NAME        what to bench (default lock; see below)
-  --pairs N          detached/attached phase pairs (default 6)
+  --pairs N          detached/attached phase pairs (default 20)
   --phase SECS       length of one phase, whole seconds (default 8)
   --budget PCT       map-probe --budget: % of one CPU the probes may cost (default 0.5, its
                      default; `unlimited` keeps the probes attached all the time)
@@ -95,8 +116,14 @@ options:
                      (/usr/lib/go-1.19/bin/go) or a path to a go binary
   --warmup SECS      load before the first phase (default 3)
   --threads N        wrk threads (default 2)
-  --connections N    wrk connections (default 256: enough to keep the cache lock contended)
-  --settle SECS      pause before each phase's load; map-probe attaches in it (default 0.5)
+  --connections N    wrk connections (default 256: enough to keep the cache lock contended;
+                     128 for caddy)
+  --settle SECS      pause before each phase's load; map-probe attaches in it (default 1: the
+                     load starts one second after attach, so attaching is measured too)
+  --export           attached phases export over OTLP/gRPC to the pinned collector (default in
+                     caddy mode; --no-export to turn it off)
+  --steady SECS      then one attached phase of SECS under load, for map-probe's own CPU in
+                     steady state (default 60 in caddy mode, 0 otherwise)
   --no-build         skip setup and the map-probe build (use target/release/map-probe as is)
   -- ARGS...         more `map-probe attach` arguments, e.g. -- --window-ms 2000 --hit-cost-us 30
 
@@ -118,6 +145,21 @@ struct Opts {
     build: bool,
     /// Extra `map-probe attach` arguments from the command line (after `--`).
     probe_extra: Vec<String>,
+    /// Attached phases export to the pinned collector (default: caddy mode only).
+    export: Option<bool>,
+    /// One more attached phase this long at the end, for map-probe's own CPU in steady state
+    /// (default: 60 s in caddy mode, none otherwise).
+    steady: Option<u64>,
+}
+
+impl Opts {
+    fn export(&self) -> bool {
+        self.export.unwrap_or(self.mode.caddy)
+    }
+
+    fn steady(&self) -> u64 {
+        self.steady.unwrap_or(if self.mode.caddy { 60 } else { 0 })
+    }
 }
 
 fn usage() -> String {
@@ -131,16 +173,18 @@ fn usage() -> String {
 fn parse_opts(args: &[String]) -> Result<Option<Opts>, String> {
     let mut o = Opts {
         mode: &MODES[0],
-        pairs: 6,
+        pairs: 20,
         phase: 8,
         budget: "0.5".into(),
         go: None,
         warmup: 3,
         threads: 2,
-        connections: 256,
-        settle: 0.5,
+        connections: 0,
+        settle: 1.0,
         build: true,
         probe_extra: Vec::new(),
+        export: None,
+        steady: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -189,8 +233,15 @@ fn parse_opts(args: &[String]) -> Result<Option<Opts>, String> {
             "--connections" => o.connections = num(flag, value()?)?,
             "--settle" => o.settle = num(flag, value()?)?,
             "--no-build" => o.build = false,
+            "--export" => o.export = Some(true),
+            "--no-export" => o.export = Some(false),
+            "--steady" => o.steady = Some(num(flag, value()?)?),
             other => return Err(format!("unknown option `{other}`\n{}", usage())),
         }
+    }
+    if o.connections == 0 {
+        // caddy as the issue measured it; the fixtures need more to keep their lock contended.
+        o.connections = if o.mode.caddy { 128 } else { 256 };
     }
     if o.pairs == 0 || o.phase == 0 || o.threads == 0 || o.connections < o.threads {
         return Err(
@@ -229,6 +280,11 @@ struct Probe {
     agent_cpu_secs: f64,
     /// Spawn to exit, minus its observed time: loading, attaching, writing the report.
     overhead_secs: f64,
+    /// map-probe's own CPU while observing (% of one CPU), and before (s), from its JSON.
+    self_cpu_pct: f64,
+    start_cpu_secs: f64,
+    /// Points planted into the steady lock tier over the run.
+    steady_planted: f64,
 }
 
 impl Probe {
@@ -289,41 +345,59 @@ pub fn run(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| format!("cannot create {}: {e}", run_dir.display()))?;
 
-    let (go, go_version) = resolve_go(o.go.as_deref())?;
-    let fixture = out_dir.join(format!("{}-{go_version}", o.mode.fixture));
-    step(
-        "bench",
-        &format!("building fixtures/{} with {go_version}", o.mode.fixture),
-    );
-    util::run(
-        cmd(&go)
-            .current_dir(root.join("fixtures"))
-            .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-mod=mod")
-            .env("CGO_ENABLED", "0")
-            .args(["build", "-o"])
-            .arg(&fixture)
-            .arg(format!("./{}", o.mode.fixture)),
-    )?;
-    let script = root.join("xtask/bench").join(o.mode.script);
-    if !script.is_file() {
-        return Err(format!("wrk script {} is missing", script.display()));
-    }
-
-    let t_run = Instant::now();
-    let mut svc = Service::start(
-        &fixture,
-        o.mode.fixture_args,
-        o.mode.ready_prefix,
-        o.mode.fixture,
-    )?;
+    let (mut svc, go_version, script, t_run) = if o.mode.caddy {
+        let t_run = Instant::now();
+        (
+            Service::caddy(&run_dir)?,
+            "go1.19.8 (Debian)".to_string(),
+            None,
+            t_run,
+        )
+    } else {
+        let (go, go_version) = resolve_go(o.go.as_deref())?;
+        let fixture = out_dir.join(format!("{}-{go_version}", o.mode.fixture));
+        step(
+            "bench",
+            &format!("building fixtures/{} with {go_version}", o.mode.fixture),
+        );
+        util::run(
+            cmd(&go)
+                .current_dir(root.join("fixtures"))
+                .env("GOTOOLCHAIN", "local")
+                .env("GOFLAGS", "-mod=mod")
+                .env("CGO_ENABLED", "0")
+                .args(["build", "-o"])
+                .arg(&fixture)
+                .arg(format!("./{}", o.mode.fixture)),
+        )?;
+        let script = root.join("xtask/bench").join(o.mode.script);
+        if !script.is_file() {
+            return Err(format!("wrk script {} is missing", script.display()));
+        }
+        let t_run = Instant::now();
+        let svc = Service::start(
+            &fixture,
+            o.mode.fixture_args,
+            o.mode.ready_prefix,
+            o.mode.fixture,
+        )?;
+        (svc, go_version, Some(script), t_run)
+    };
     let load = wrk::Load {
         threads: o.threads,
         connections: o.connections,
         url: format!("http://{}{}", svc.addr, o.mode.url_path),
-        script: &script,
+        script: script.as_deref(),
         script_args: o.mode.script_args,
     };
+    let collector = if o.export() {
+        Some(collector::start(&run_dir)?)
+    } else {
+        None
+    };
+    let otlp = collector
+        .as_ref()
+        .map(|(_, port)| format!("http://127.0.0.1:{port}"));
     let total_phases = 2 * o.pairs as usize;
     step(
         "bench",
@@ -369,8 +443,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 &svc,
                 &load,
                 &run_dir,
-                index,
-                pair + 1,
+                otlp.as_deref(),
+                (index, pair + 1, o.phase),
                 kind,
                 tick,
             )?;
@@ -378,17 +452,54 @@ pub fn run(args: &[String]) -> Result<(), String> {
             phases.push(ph);
         }
     }
+    let steady = if o.steady() > 0 && svc.alive() {
+        step(
+            "bench",
+            &format!(
+                "one attached phase of {} s for map-probe's own CPU",
+                o.steady()
+            ),
+        );
+        let ph = run_phase(
+            &o,
+            &probe_bin,
+            &svc,
+            &load,
+            &run_dir,
+            otlp.as_deref(),
+            (phases.len() + 1, 0, o.steady()),
+            Kind::Attached,
+            tick,
+        )?;
+        println!("{}", row(&ph));
+        ph.probe
+    } else {
+        None
+    };
     let run_secs = t_run.elapsed().as_secs_f64();
     drop(svc);
+    drop(collector);
 
     let summary = Summary::of(&phases);
     println!();
     summary.print(&o);
+    if let Some(p) = &steady {
+        println!(
+            "  map-probe over a steady {:.0} s attached under load{}: {:.2}% of one CPU while \
+             observing; {:.2} s of CPU to start (read the binary, find the points, measure the \
+             trap, attach); {:.0} steady points planted",
+            p.elapsed_secs,
+            if otlp.is_some() { ", exporting" } else { "" },
+            p.self_cpu_pct,
+            p.start_cpu_secs,
+            p.steady_planted,
+        );
+    }
     let verdict = summary.verdict();
     println!("{verdict}");
 
     let json_path = out_dir.join(format!("{run_name}.json"));
-    let doc = document(
+    let mut doc = document(
         &o,
         &go_version,
         &phases,
@@ -397,6 +508,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         run_secs,
         &stamp,
     );
+    if let (J::Obj(fields), Some(p)) = (&mut doc, &steady) {
+        fields.push((
+            "steady".into(),
+            J::obj([
+                ("elapsed_secs", J::Num(p.elapsed_secs)),
+                ("self_cpu_pct_of_one_cpu", J::Num(p.self_cpu_pct)),
+                ("start_cpu_secs", J::Num(p.start_cpu_secs)),
+                ("steady_points_planted", J::Num(p.steady_planted)),
+                ("exporting", J::Bool(otlp.is_some())),
+            ]),
+        ));
+    }
     std::fs::write(&json_path, doc.render())
         .map_err(|e| format!("cannot write {}: {e}", json_path.display()))?;
     step(
@@ -411,6 +534,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// One phase; `(index, pair, secs)` place and size it. An attached phase exports to `otlp`.
 #[allow(clippy::too_many_arguments)]
 fn run_phase(
     o: &Opts,
@@ -418,8 +542,8 @@ fn run_phase(
     svc: &Service,
     load: &wrk::Load,
     run_dir: &Path,
-    index: usize,
-    pair: u32,
+    otlp: Option<&str>,
+    (index, pair, secs): (usize, u32, u64),
     kind: Kind,
     tick: f64,
 ) -> Result<Phase, String> {
@@ -438,13 +562,16 @@ fn run_phase(
             .arg("--pid")
             .arg(svc.pid.to_string())
             .arg("--duration")
-            .arg((o.phase + 1).to_string())
+            .arg((secs + 1).to_string())
             .arg("--budget")
             .arg(&o.budget)
             .args(o.mode.probe_args)
             .args(&o.probe_extra)
             .arg("--json")
             .arg(&json_path);
+        if let Some(url) = otlp {
+            c.args(["--otlp-endpoint", url, "--otlp-protocol", "grpc"]);
+        }
         agent = Some(Agent::start(&mut c, &log_path)?);
     }
     std::thread::sleep(settle);
@@ -458,13 +585,13 @@ fn run_phase(
     }
     let c0 = procs::cpu_ticks(svc.pid).ok_or("cannot read the service's /proc stat")?;
     let t0 = Instant::now();
-    let (w, _text) = load.run(o.phase)?;
+    let (w, _text) = load.run(secs)?;
     let wall = t0.elapsed().as_secs_f64();
     let c1 = procs::cpu_ticks(svc.pid).ok_or("cannot read the service's /proc stat")?;
     let mut probe = None;
     if let Some(a) = agent {
         let ch0 = procs::waited_children_ticks();
-        let left = Duration::from_secs(o.phase + 1).saturating_sub(spawned.elapsed());
+        let left = Duration::from_secs(secs + 1).saturating_sub(spawned.elapsed());
         let st = a.finish(left + Duration::from_secs(15))?;
         let total = spawned.elapsed().as_secs_f64();
         let ch1 = procs::waited_children_ticks();
@@ -485,6 +612,11 @@ fn run_phase(
             raw_ret_hits: n("raw_ret_hits").unwrap_or(0.0),
             agent_cpu_secs: ch1.saturating_sub(ch0) as f64 / tick,
             overhead_secs: total - elapsed_secs,
+            self_cpu_pct: json::number_in(&text, "self_cpu", "observing_percent")
+                .unwrap_or(f64::NAN),
+            start_cpu_secs: json::number_in(&text, "self_cpu", "start_secs").unwrap_or(f64::NAN),
+            steady_planted: json::number_in(&text, "planting", "steady_points_planted")
+                .unwrap_or(f64::NAN),
         });
     }
     Ok(Phase {
@@ -555,25 +687,6 @@ fn fmt_us(us: f64) -> String {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-/// Percent change of `a` against `d`.
-fn pct(a: f64, d: f64) -> f64 {
-    (a / d - 1.0) * 100.0
-}
-
 /// Medians of one mode's phases.
 struct Medians {
     n: usize,
@@ -619,19 +732,32 @@ impl Medians {
     }
 }
 
-/// Attached against detached, in percent.
+/// Attached against detached, in percent, with the bootstrap 95% intervals of the two that
+/// have limits.
 struct Ratios {
     rps: f64,
     p99: f64,
     p50: f64,
     cpu_per_req: f64,
+    rps_ci: Option<(f64, f64)>,
+    p99_ci: Option<(f64, f64)>,
+}
+
+fn ci_json(ci: Option<(f64, f64)>) -> J {
+    ci.map_or(J::Null, |(lo, hi)| J::Arr(vec![J::Num(lo), J::Num(hi)]))
+}
+
+fn ci_text(ci: Option<(f64, f64)>) -> String {
+    ci.map_or(String::new(), |(lo, hi)| format!(" [{lo:+.1}, {hi:+.1}]"))
 }
 
 impl Ratios {
     fn json(&self) -> J {
         J::obj([
             ("throughput_pct", J::Num(self.rps)),
+            ("throughput_pct_ci95", ci_json(self.rps_ci)),
             ("p99_pct", J::Num(self.p99)),
+            ("p99_pct_ci95", ci_json(self.p99_ci)),
             ("p50_pct", J::Num(self.p50)),
             ("cpu_per_req_pct", J::Num(self.cpu_per_req)),
         ])
@@ -639,8 +765,13 @@ impl Ratios {
 
     fn line(&self) -> String {
         format!(
-            "throughput {:+.1}%, p99 {:+.1}%, cpu/req {:+.1}% (p50 {:+.1}%)",
-            self.rps, self.p99, self.cpu_per_req, self.p50
+            "throughput {:+.1}%{}, p99 {:+.1}%{}, cpu/req {:+.1}% (p50 {:+.1}%)",
+            self.rps,
+            ci_text(self.rps_ci),
+            self.p99,
+            ci_text(self.p99_ci),
+            self.cpu_per_req,
+            self.p50
         )
     }
 }
@@ -658,6 +789,8 @@ struct Summary {
     raw_hits_per_sec: Option<f64>,
     agent_cpu_pct: Option<f64>,
     overhead_secs: Option<f64>,
+    self_cpu_pct: Option<f64>,
+    start_cpu_secs: Option<f64>,
 }
 
 impl Summary {
@@ -676,8 +809,14 @@ impl Summary {
                 pairs.push((dp, ap));
             }
         }
-        let paired = |f: &dyn Fn(&Phase) -> f64| {
-            median(pairs.iter().map(|(d, a)| pct(f(a), f(d))).collect()).unwrap_or(f64::NAN)
+        let per_pair =
+            |f: &dyn Fn(&Phase) -> f64| pairs.iter().map(|(d, a)| pct(f(a), f(d))).collect();
+        let paired = |f: &dyn Fn(&Phase) -> f64| median(per_pair(f)).unwrap_or(f64::NAN);
+        let values = |k: Kind, f: &dyn Fn(&Phase) -> f64| -> Vec<f64> {
+            phases.iter().filter(|p| p.kind == k).map(f).collect()
+        };
+        let ratio_ci = |f: &dyn Fn(&Phase) -> f64| {
+            ratio_interval(&values(Kind::Detached, f), &values(Kind::Attached, f))
         };
         let probes: Vec<&Probe> = phases.iter().filter_map(|p| p.probe.as_ref()).collect();
         let pm = |f: &dyn Fn(&Probe) -> f64| median(probes.iter().map(|p| f(p)).collect());
@@ -687,12 +826,16 @@ impl Summary {
                 p99: pct(a.p99_us, d.p99_us),
                 p50: pct(a.p50_us, d.p50_us),
                 cpu_per_req: pct(a.cpu_us_per_req, d.cpu_us_per_req),
+                rps_ci: ratio_ci(&|p| p.wrk.rps),
+                p99_ci: ratio_ci(&|p| p.wrk.p99_us),
             },
             paired: Ratios {
                 rps: paired(&|p| p.wrk.rps),
                 p99: paired(&|p| p.wrk.p99_us),
                 p50: paired(&|p| p.wrk.p50_us),
                 cpu_per_req: paired(&|p| p.cpu_us_per_req()),
+                rps_ci: median_interval(&per_pair(&|p| p.wrk.rps)),
+                p99_ci: median_interval(&per_pair(&|p| p.wrk.p99_us)),
             },
             detached: d,
             attached: a,
@@ -701,6 +844,8 @@ impl Summary {
             raw_hits_per_sec: pm(&|p| p.raw_hits / p.attached_secs.max(1e-9)),
             agent_cpu_pct: pm(&|p| p.agent_cpu_secs / p.elapsed_secs.max(1e-9) * 100.0),
             overhead_secs: pm(&|p| p.overhead_secs),
+            self_cpu_pct: pm(&|p| p.self_cpu_pct),
+            start_cpu_secs: pm(&|p| p.start_cpu_secs),
         }
     }
 
@@ -736,6 +881,12 @@ impl Summary {
                 s * 100.0,
                 self.agent_cpu_pct.unwrap_or(f64::NAN),
                 self.overhead_secs.unwrap_or(f64::NAN),
+            );
+            println!(
+                "  map-probe's own CPU, from its JSON: {:.2}% of one CPU while observing, {:.2} s \
+                 of CPU to start",
+                self.self_cpu_pct.unwrap_or(f64::NAN),
+                self.start_cpu_secs.unwrap_or(f64::NAN),
             );
         }
     }
@@ -867,6 +1018,8 @@ fn document(
                 ("windows", J::opt(s.windows)),
                 ("raw_hits_per_attached_sec", J::opt(s.raw_hits_per_sec)),
                 ("agent_cpu_pct_of_one_cpu", J::opt(s.agent_cpu_pct)),
+                ("self_cpu_pct_while_observing", J::opt(s.self_cpu_pct)),
+                ("start_cpu_secs", J::opt(s.start_cpu_secs)),
             ]),
         ),
         ("limit_pct", J::Num(LIMIT_PCT)),
@@ -929,13 +1082,6 @@ fn timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn medians() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(vec![]), None);
-    }
 
     #[test]
     fn options() {

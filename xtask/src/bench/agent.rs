@@ -13,7 +13,6 @@ use super::json::J;
 use super::procs::{self, Agent, Service};
 use super::wrk;
 use crate::util::{self, cmd, step};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: cargo xtask bench --mode agent [options]
@@ -131,41 +130,6 @@ fn load_all(loads: &[wrk::Load], secs: u64, attached: bool) -> Result<Phase, Str
     })
 }
 
-fn collector_config(dir: &Path, grpc: u16, http: u16) -> String {
-    format!(
-        "receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{grpc}
-      http:
-        endpoint: 127.0.0.1:{http}
-exporters:
-  file:
-    path: {}
-service:
-  telemetry:
-    metrics:
-      level: none
-  pipelines:
-    traces:
-      receivers: [otlp]
-      exporters: [file]
-    metrics:
-      receivers: [otlp]
-      exporters: [file]
-",
-        dir.join("received.jsonl").display()
-    )
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
 pub fn run(args: &[String]) -> Result<(), String> {
     let Some(o) = parse(args)? else {
         println!("{USAGE}");
@@ -179,13 +143,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         root.join("target/release/map-probe")
     };
-    let otelcol = crate::otelcol::path()?;
-    if !otelcol.is_file() {
-        return Err(format!(
-            "no collector at {} (cargo xtask setup builds it)",
-            otelcol.display()
-        ));
-    }
     let stamp = super::timestamp();
     let out_dir = root.join("target/bench");
     let run_dir = out_dir.join(format!("bench-agent-{stamp}"));
@@ -210,21 +167,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .arg("./httpcache"),
     )?;
 
-    let (grpc, http) = (free_port()?, free_port()?);
-    let config = run_dir.join("otelcol.yaml");
-    std::fs::write(&config, collector_config(&run_dir, grpc, http))
-        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-    let _collector = Agent::start(
-        cmd(&otelcol).arg(format!("--config={}", config.display())),
-        &run_dir.join("otelcol.log"),
-    )?;
-    let t_wait = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-        if t_wait.elapsed() > Duration::from_secs(30) {
-            return Err("the collector did not start listening".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_collector, grpc) = super::collector::start(&run_dir)?;
 
     let mut services = Vec::new();
     for i in 0..o.targets {
@@ -242,7 +185,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             threads: 1,
             connections: o.connections,
             url: format!("http://{}/item", s.addr),
-            script: &script,
+            script: Some(&script),
             script_args: &["64"],
         })
         .collect();

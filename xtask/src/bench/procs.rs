@@ -21,7 +21,7 @@ extern "C" {
 }
 
 /// Makes the kernel send SIGTERM to the child when xtask exits, however it exits.
-fn die_with_parent(c: &mut Command) -> &mut Command {
+pub fn die_with_parent(c: &mut Command) -> &mut Command {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         c.pre_exec(|| {
@@ -90,6 +90,17 @@ impl Service {
             .recv_timeout(Duration::from_secs(10))
             .map_err(|_| format!("{name} did not print `{ready_prefix}<addr>` within 10 s"))?;
         Ok(svc)
+    }
+
+    /// Debian's caddy as the service (see `caddy`).
+    pub fn caddy(dir: &Path) -> Result<Service, String> {
+        let (child, addr) = super::caddy::start(dir)?;
+        Ok(Service {
+            pid: child.id(),
+            child,
+            addr,
+            name: "caddy".into(),
+        })
     }
 
     pub fn alive(&mut self) -> bool {

@@ -21,7 +21,8 @@ pub struct Load<'a> {
     pub threads: u32,
     pub connections: u32,
     pub url: String,
-    pub script: &'a Path,
+    /// A Lua script (and its arguments), or plain GETs of `url`.
+    pub script: Option<&'a Path>,
     pub script_args: &'a [&'a str],
 }
 
@@ -33,10 +34,13 @@ impl Load<'_> {
             .arg(format!("-c{}", self.connections))
             .arg(format!("-d{secs}s"))
             .arg("--latency")
-            .arg("-s")
-            .arg(self.script)
+            .args(
+                self.script
+                    .iter()
+                    .flat_map(|s| [std::ffi::OsStr::new("-s"), s.as_os_str()]),
+            )
             .arg(&self.url)
-            .arg("--")
+            .args(self.script.map(|_| "--"))
             .args(self.script_args)
             .stdin(std::process::Stdio::null())
             .output()
