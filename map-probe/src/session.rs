@@ -31,7 +31,7 @@ use crate::{
     probes::{Probes, Slot, UprobeMode},
     report::{self, CasSampling, LockTier, MapSampling, Report, Risk, Sampling, TargetInfo},
     risks::{self, Clock},
-    sites,
+    sites::{self, PointScale},
     symbolize::Symbolizer,
     target::Target,
     tiers::{self, Tiers},
@@ -132,11 +132,12 @@ pub const ATOMIC_BUDGET_SHARE: f64 = 0.1;
 /// Of the CAS share, what the failure-block probes get.
 pub const CAS_FAIL_SHARE: f64 = 0.5;
 
-/// How often the loop looks at the counters: often while a window is open,
-/// since a hot path (a map write at ~100k calls/s) costs the target a
-/// millisecond of traps every few milliseconds the window stays open.
-const TICK_MAP_OPEN: Duration = Duration::from_millis(2);
-const TICK_OPEN: Duration = Duration::from_millis(5);
+/// How often the loop looks at the counters: as often as every 2 ms while a
+/// window runs hot, since a hot path (a map write at ~100k calls/s) costs the
+/// target a millisecond of traps every few milliseconds the window stays
+/// open; every 20 ms when nothing is open or what is open is quiet (see
+/// `Governor::next_look`).
+const TICK_OPEN_MIN: Duration = Duration::from_millis(2);
 const TICK_CLOSED: Duration = Duration::from_millis(20);
 /// A windowed lock tier plants its end probes in one window of this many.
 /// An end fires once the lock is taken, so its trap lengthens the critical
@@ -256,8 +257,9 @@ struct Mark {
     sites: HashMap<(u32, i32, u64), KeyData>,
     /// Risks already reported, by identity, with the count then.
     risks: HashMap<String, u64>,
-    /// Each lock point's observed time at `at`.
-    observed: Vec<Duration>,
+    /// Each lock point's estimated entry hits, their variance and the raw
+    /// hits at `at`.
+    points: Vec<(f64, f64, u64)>,
     /// The CAS counters as last read.
     cas: cas::Raw,
 }
@@ -417,7 +419,7 @@ impl Observation {
             stats: [0; stat::COUNT as usize],
             sites: HashMap::new(),
             risks: HashMap::new(),
-            observed: Vec::new(),
+            points: Vec::new(),
             cas: cas::Raw::default(),
         };
         let tiers = Tiers::new(
@@ -512,23 +514,14 @@ impl Observation {
                 return Err(e);
             }
         }
-        let open = |p: Option<Purpose>| {
-            self.sets
-                .iter()
-                .any(|s| s.gov.is_open() && p.is_none_or(|p| s.purpose == p))
-        };
-        Ok(Step::Next(
-            if open(Some(Purpose::MapWrite))
-                || open(Some(Purpose::Cas))
-                || open(Some(Purpose::CasFail))
-            {
-                TICK_MAP_OPEN
-            } else if open(None) {
-                TICK_OPEN
-            } else {
-                TICK_CLOSED
-            },
-        ))
+        let now = Instant::now();
+        let look = self
+            .sets
+            .iter()
+            .filter_map(|s| s.gov.next_look(now, s.hits(&stats)))
+            .min()
+            .unwrap_or(TICK_CLOSED);
+        Ok(Step::Next(look.clamp(TICK_OPEN_MIN, TICK_CLOSED)))
     }
 
     /// The steady tier spent its window's budget: finds the points whose
@@ -631,6 +624,12 @@ impl Observation {
         self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
         let (entries, ends) = self.probes.point_hits()?;
         self.point_mark = (entries.clone(), ends.clone(), now);
+        // The estimator's slots end where points may move.
+        self.tiers.close_slot(
+            &entries,
+            &self.tier_attached(now),
+            now.saturating_duration_since(self.start),
+        );
         self.steady_mark = self.sets[0].hits(&self.probes.stats()?);
         let cfg = *self.sets[0].gov.config();
         if cfg.budget.is_none() {
@@ -682,27 +681,45 @@ impl Observation {
         Ok(())
     }
 
-    /// Each lock point's scale: the run's length over the time its probes
-    /// were in (1 when unbudgeted, or for a point never observed).
+    /// Each lock point's estimated entry hits (see `tiers::Strata`) and
+    /// raw ones, now.
+    fn point_estimates(&self, now: Instant) -> Result<Vec<(f64, f64, u64)>> {
+        let (entries, _) = self.probes.point_hits()?;
+        let wall = now.saturating_duration_since(self.start);
+        Ok(self
+            .tiers
+            .estimates(&entries, &self.tier_attached(now), wall)
+            .into_iter()
+            .zip(&entries)
+            .map(|((e, v), &h)| (e, v, h))
+            .collect())
+    }
+
+    /// Each lock point's scale, estimated over raw hits since `since` (the
+    /// run's start when None), and its error factor: the estimate's error
+    /// over a Poisson count of its raw hits. 1 and 1 when unbudgeted or
+    /// never hit.
     fn point_scales(
         &self,
-        elapsed: Duration,
-        now: Instant,
-        since: Option<&[Duration]>,
-    ) -> Vec<f64> {
+        now: &[(f64, f64, u64)],
+        since: Option<&[(f64, f64, u64)]>,
+    ) -> Vec<PointScale> {
         let governed = self.sets[0].gov.config().budget.is_some();
-        let observed = self.tiers.all_observed(&self.tier_attached(now));
-        observed
-            .iter()
+        now.iter()
             .enumerate()
-            .map(|(i, o)| {
-                let o = since.map_or(*o, |s| {
-                    o.saturating_sub(s.get(i).copied().unwrap_or_default())
-                });
-                if !governed || o.is_zero() {
-                    1.0
-                } else {
-                    (elapsed.as_secs_f64() / o.min(elapsed).as_secs_f64()).max(1.0)
+            .map(|(i, &(e, v, h))| {
+                let (e0, v0, h0) = since
+                    .and_then(|s| s.get(i).copied())
+                    .unwrap_or((0.0, 0.0, 0));
+                let raw = h.saturating_sub(h0);
+                let (est, var) = (e - e0, (v - v0).max(0.0));
+                if !governed || raw == 0 || est <= 0.0 {
+                    return PointScale::default();
+                }
+                PointScale {
+                    scale: (est / raw as f64).max(1.0),
+                    // sqrt(var)/est against 1/sqrt(raw).
+                    error: ((var * raw as f64).sqrt() / est).max(1.0),
                 }
             })
             .collect()
@@ -725,7 +742,7 @@ impl Observation {
         let raw = aggregate::collect(&self.probes)?;
         let locks = &self.sets[0].gov;
         let scale = locks.scale(elapsed, now);
-        let scales = self.point_scales(elapsed, now, None);
+        let scales = self.point_scales(&self.point_estimates(now)?, None);
         let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
         let risks = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
         let attached: Vec<Duration> = self
@@ -795,8 +812,8 @@ impl Observation {
         } else {
             (elapsed.as_secs_f64() / attached[0].as_secs_f64()).max(1.0)
         };
-        let scales = self.point_scales(elapsed, now, Some(&self.mark.observed));
-        let observed_now = self.tiers.all_observed(&self.tier_attached(now));
+        let points_now = self.point_estimates(now)?;
+        let scales = self.point_scales(&points_now, Some(&self.mark.points));
         let mut sym = Symbolizer::new(&self.target.bin, self.target.bias);
         let all = risks::collect(&self.probes, self.plans.maps.as_ref(), &mut sym, self.clock)?;
         let risks = new_risks(&mut self.mark.risks, all);
@@ -817,7 +834,7 @@ impl Observation {
             cas: cas_now.since(&self.mark.cas),
         });
         self.mark.cas = cas_now;
-        self.mark.observed = observed_now;
+        self.mark.points = points_now;
         self.mark.at = now;
         self.mark.unix_nanos = start_unix + elapsed.as_nanos() as u64;
         self.mark.attached = attached_now;
@@ -944,7 +961,7 @@ impl Observation {
                 raw_ret_hits: totals.ret_hits,
                 scale: s.scale,
                 method: if cfg.budget.is_some() {
-                    "windows: probes attached while their estimated cost fits the budget; counts scaled by elapsed/attached".into()
+                    "windows: probes attached while their estimated cost fits the budget; each lock point's hits scaled slot by slot (the 2-s stretches between re-sorts) by wall/observed time, a slot never observed at the rate of those that were".into()
                 } else {
                     "continuous: probes attached for the whole run (--budget unlimited); counts are raw"
                         .into()
@@ -1108,7 +1125,7 @@ struct Span<'a, 'b, 'c> {
     windows: &'b [u32],
     scale: f64,
     /// Per lock point: what its raw counts are multiplied by.
-    scales: &'b [f64],
+    scales: &'b [PointScale],
     end: &'static str,
     risks: Vec<Risk>,
     cas: cas::Raw,

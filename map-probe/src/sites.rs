@@ -182,6 +182,25 @@ pub fn caller_of(
         .cloned()
 }
 
+/// What a lock point's raw counts are multiplied by, and how much wider its
+/// estimate's error is than a Poisson count of its raw hits (1 when every
+/// slot was observed alike; more when a few slots seen briefly stand for
+/// much of the run).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PointScale {
+    pub scale: f64,
+    pub error: f64,
+}
+
+impl Default for PointScale {
+    fn default() -> PointScale {
+        PointScale {
+            scale: 1.0,
+            error: 1.0,
+        }
+    }
+}
+
 /// The 95% relative error of `raw × scale` as an estimate of the whole run's
 /// count: none when nothing was scaled, else that of a Poisson count.
 pub fn count_error(raw: u64, scale: f64) -> f64 {
@@ -279,7 +298,7 @@ pub fn build_sites(
     raw: &[RawSite],
     points: &[Point],
     sym: &mut Symbolizer,
-    scales: &[f64],
+    scales: &[PointScale],
     main_module: Option<&str>,
     elapsed_secs: f64,
 ) -> Built {
@@ -307,6 +326,8 @@ pub fn build_sites(
         rebuild_ns: u64,
         /// The estimates: each key's raw numbers times its point's scale.
         est: f64,
+        /// The widest error factor of its points (`PointScale::error`).
+        error: f64,
         est_delay: f64,
         est_promotions: f64,
         est_rebuilds: f64,
@@ -333,7 +354,8 @@ pub fn build_sites(
         let Some(point) = points.get(r.point) else {
             continue;
         };
-        let k = scales.get(r.point).copied().unwrap_or(1.0);
+        let ps = scales.get(r.point).copied().unwrap_or_default();
+        let k = ps.scale;
         let mut frames: Vec<FrameOut> = sym
             .stack(&r.pcs, r.first_is_ip)
             .iter()
@@ -380,6 +402,7 @@ pub fn build_sites(
             rebuilds: 0,
             rebuild_ns: 0,
             est: 0.0,
+            error: 1.0,
             est_delay: 0.0,
             est_promotions: 0.0,
             est_rebuilds: 0.0,
@@ -390,6 +413,7 @@ pub fn build_sites(
             probes: Vec::new(),
             stacks: HashMap::new(),
         });
+        acc.error = acc.error.max(ps.error);
         match point.kind {
             Kind::SyncMapPromotion => {
                 acc.promotions += r.stats.count;
@@ -514,7 +538,7 @@ pub fn build_sites(
                 raw_count: a.raw,
                 scale: site_scale,
                 observed_share: 1.0 / site_scale,
-                count_error: count_error(a.raw, site_scale),
+                count_error: count_error(a.raw, site_scale) * a.error,
                 measured: match (a.at_call, a.shared) {
                     (true, false) => "call-site",
                     (false, true) => "shared",
