@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|test|demo|bench>`.
+//! Project tasks: `cargo xtask <setup|build|test|demo|bench|accuracy>`.
 //!
 //! std only, and it must build with the machine's default stable Rust, because it is what
 //! installs the pinned toolchain (`util::TOOLCHAIN`) that everything else is built with.
 
+mod accuracy;
 mod bench;
 mod build;
 mod demo;
@@ -24,7 +25,10 @@ commands:
   demo             build, run the contended Go fixture and attach map-probe to it (needs root)
   fuzz [args]      the hostile-binaries mutator for a while (--seconds N, --seed HEX)
   bench [args]     overhead: detached and attached phases of a loaded Go service, alternating
-                   (`cargo xtask bench --help` for modes and options)";
+                   (`cargo xtask bench --help` for modes and options)
+  accuracy [--runs N]
+                   estimates against Go's own mutex profile while load comes and goes (10 runs
+                   per Go release by default; the suite runs 2)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         "test" => test::run(&rest),
         "demo" => no_args(&cmd, &rest).and_then(|()| demo::run()),
         "bench" => bench::run(&rest),
+        "accuracy" => accuracy::run(&rest),
         "fuzz" => fuzz::run(&rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
