@@ -301,6 +301,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before anything large is mapped: the planter is a fork of what
+    // map-probe is now (see `links`).
+    if !matches!(cli.cmd, Cmd::Doctor) {
+        if let Err(e) = map_probe::links::start() {
+            log::debug!("planter not started yet: {e}");
+        }
+    }
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {

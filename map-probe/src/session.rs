@@ -292,7 +292,8 @@ pub struct Observation {
     cpu_at_start: Duration,
 }
 
-/// CPU time of this process and of its reaped children (the link planters).
+/// CPU time of this process, of its reaped children and of the planter that
+/// makes and removes its links (`links`).
 pub fn self_cpu() -> Duration {
     let of = |who| {
         // SAFETY: getrusage fills the struct we pass.
@@ -305,7 +306,7 @@ pub fn self_cpu() -> Duration {
         };
         tv(ru.ru_utime) + tv(ru.ru_stime)
     };
-    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN)
+    of(libc::RUSAGE_SELF) + of(libc::RUSAGE_CHILDREN) + crate::links::planter_cpu()
 }
 
 fn unix_nanos() -> u64 {
