@@ -543,11 +543,20 @@ impl Observation {
             .max(Duration::from_millis(5))
             .as_secs_f64();
         let tiers = self.probes.tiers().to_vec();
-        let mut excess: Vec<(usize, f64, f64)> = (0..entries.len())
+        // Each steady point's entry and end hits since the last re-sort.
+        let since = |i: usize| {
+            (
+                entries[i].saturating_sub(e0.get(i).copied().unwrap_or(0)) as f64,
+                ends[i].saturating_sub(n0.get(i).copied().unwrap_or(0)) as f64,
+            )
+        };
+        let steady: Vec<usize> = (0..entries.len())
             .filter(|&i| tiers.get(i) == Some(&0))
-            .map(|i| {
-                let de = entries[i].saturating_sub(e0.get(i).copied().unwrap_or(0)) as f64;
-                let dn = ends[i].saturating_sub(n0.get(i).copied().unwrap_or(0)) as f64;
+            .collect();
+        let mut excess: Vec<(usize, f64, f64)> = steady
+            .iter()
+            .map(|&i| {
+                let (de, dn) = since(i);
                 let expected = self.tiers.rate(i) * dt;
                 let share = de / (de + dn).max(1.0);
                 let x = (de + dn - expected).max(0.0);
@@ -565,23 +574,16 @@ impl Observation {
             }
             // Far over with no point standing out: weigh every steady point
             // by its hits since the last re-sort alone.
-            excess = (0..entries.len())
-                .filter(|&i| tiers.get(i) == Some(&0))
-                .map(|i| {
-                    let de = entries[i].saturating_sub(e0.get(i).copied().unwrap_or(0)) as f64;
-                    let dn = ends[i].saturating_sub(n0.get(i).copied().unwrap_or(0)) as f64;
+            excess = steady
+                .iter()
+                .map(|&i| {
+                    let (de, dn) = since(i);
                     (i, de * window / dt.max(1e-3), dn * window / dt.max(1e-3))
                 })
                 .filter(|&(_, e, n)| e + n > 0.0)
                 .collect();
         }
-        let time = tiers::TierTime {
-            entries: self.tier_attached(now),
-            ends: self.sets[..LOCK_TIERS]
-                .iter()
-                .map(|s| self.probes.ends_attached(s.slot(), now))
-                .collect(),
-        };
+        let time = self.tier_time(now);
         for &(i, e, n) in &excess {
             self.tiers
                 .heat(i, (e / window, n / window), (entries[i], ends[i]), &time);
@@ -613,6 +615,17 @@ impl Observation {
         n * cfg.hit_cost.as_secs_f64() / dt.as_secs_f64() / b
     }
 
+    /// Each lock tier's time in so far: its entries' and its ends'.
+    fn tier_time(&self, now: Instant) -> tiers::TierTime {
+        tiers::TierTime {
+            entries: self.tier_attached(now),
+            ends: self.sets[..LOCK_TIERS]
+                .iter()
+                .map(|s| self.probes.ends_attached(s.slot(), now))
+                .collect(),
+        }
+    }
+
     /// Each lock tier's attached time so far.
     fn tier_attached(&self, now: Instant) -> Vec<Duration> {
         self.sets[..LOCK_TIERS]
@@ -636,13 +649,7 @@ impl Observation {
         if cfg.budget.is_none() {
             return Ok(());
         }
-        let time = tiers::TierTime {
-            entries: self.tier_attached(now),
-            ends: self.sets[..LOCK_TIERS]
-                .iter()
-                .map(|s| self.probes.ends_attached(s.slot(), now))
-                .collect(),
-        };
+        let time = self.tier_time(now);
         let Some(a) =
             self.tiers
                 .rebalance((&entries, &ends), &time, self.lock_budget, cfg.hit_cost)

@@ -540,7 +540,10 @@ fn hit_cost_is_measured_unless_given() {
         );
         assert!(scale >= 1.0, "{site}");
         if scale > 1.0 {
-            assert!((err - 1.96 / raw.sqrt()).abs() < 1e-6, "{site}");
+            // A Poisson count's error at least; wider when a few briefly observed
+            // stretches stand for much of the run (each slot scaled on its own).
+            let poisson = 1.96 / raw.sqrt();
+            assert!(err >= poisson - 1e-9 && err <= 10.0 * poisson, "{site}");
         } else {
             assert_eq!(err, 0.0, "{site}");
         }

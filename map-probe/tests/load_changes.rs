@@ -19,12 +19,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{
-    attach_json, go_fixture, go_mutex_profile, require_root, start_fixture, tmp, GoToolchain,
-    Variant,
-};
+use common::{attach_json, go_fixture, require_root, GoToolchain, MutexSnapshots, Variant};
 
 const SITES: [&str; 7] = [
     "steady", "burst", "batch", "onoff", "tail40", "tail12", "tail4",
@@ -64,20 +59,8 @@ fn estimates_hold_when_load_comes_and_goes() {
     let mut inversions = Vec::new();
     for go in [GoToolchain::Go119, GoToolchain::Go126] {
         let bin = go_fixture("bursts", go, Variant::Stripped);
-        let prof = tmp(&format!("bursts-{go:?}.prof"));
-        let mut fx = start_fixture(
-            &bin,
-            &["-duration", "0", "-mutexprofile", prof.to_str().unwrap()],
-        );
-        let mut snapshot = 0;
-        let mut take = |fx: &mut common::Child| {
-            snapshot += 1;
-            fx.signal(libc::SIGUSR1);
-            let want = format!("profile {}.{snapshot}", prof.display());
-            fx.wait_for_line(&want, Duration::from_secs(10));
-            let text = std::fs::read_to_string(format!("{}.{snapshot}", prof.display())).unwrap();
-            go_mutex_profile(&text)
-        };
+        let (mut fx, mut snapshots) = MutexSnapshots::start(&bin, &format!("bursts-{go:?}"));
+        let mut take = |fx: &mut common::Child| snapshots.take(fx);
         for run in 0..runs {
             let before = take(&mut fx);
             let (out, r) = attach_json(

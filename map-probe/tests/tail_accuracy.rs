@@ -5,12 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{
-    attach_json, go_fixture, go_mutex_profile, require_root, start_fixture, tmp, GoToolchain,
-    Variant,
-};
+use common::{attach_json, go_fixture, require_root, GoToolchain, MutexSnapshots, Variant};
 
 const RUNS: usize = 10;
 
@@ -20,20 +15,8 @@ fn every_site_of_the_tail_is_counted_within_a_quarter() {
     let mut table = Vec::new();
     for go in [GoToolchain::Go119, GoToolchain::Go126] {
         let bin = go_fixture("longtail", go, Variant::Stripped);
-        let prof = tmp(&format!("longtail-{go:?}.prof"));
-        let mut fx = start_fixture(
-            &bin,
-            &["-duration", "0", "-mutexprofile", prof.to_str().unwrap()],
-        );
-        let mut snapshot = 0;
-        let mut take = |fx: &mut common::Child| {
-            snapshot += 1;
-            fx.signal(libc::SIGUSR1);
-            let want = format!("profile {}.{snapshot}", prof.display());
-            fx.wait_for_line(&want, Duration::from_secs(10));
-            let text = std::fs::read_to_string(format!("{}.{snapshot}", prof.display())).unwrap();
-            go_mutex_profile(&text)
-        };
+        let (mut fx, mut snapshots) = MutexSnapshots::start(&bin, &format!("longtail-{go:?}"));
+        let mut take = |fx: &mut common::Child| snapshots.take(fx);
         for run in 0..RUNS {
             let before = take(&mut fx);
             let (_, r) = attach_json(

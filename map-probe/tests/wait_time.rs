@@ -47,7 +47,16 @@ fn delay_orders_sites_as_the_go_mutex_profile_does() {
                 profile.to_str().unwrap(),
             ],
         );
-        let (_, r) = attach_json(fx.pid(), &format!("holdtimes-{go:?}"), &["--duration", "8"]);
+        // On Go 1.19 every mutex site here ends at the semaphore function's RETs, a point that
+        // goes with the busiest site's tier: at the default budget a site in another windowed
+        // tier is timed only while both are in, and 1 run in 4 timed none of slowPath's ~220
+        // waits (delay 0; see README, Known limits). At 2% slowPath is steady and timed.
+        let budget: &[&str] = match go {
+            GoToolchain::Go119 => &["--budget", "2"],
+            _ => &[],
+        };
+        let args: Vec<&str> = ["--duration", "8"].iter().chain(budget).copied().collect();
+        let (_, r) = attach_json(fx.pid(), &format!("holdtimes-{go:?}"), &args);
         fx.wait_for_line("exit brief=", Duration::from_secs(20));
         let go_prof = go_mutex_profile(&std::fs::read_to_string(&profile).unwrap());
         let theirs: Vec<&str> = go_prof.iter().map(|e| e.function.as_str()).collect();

@@ -840,6 +840,34 @@ impl Otlp {
     }
 }
 
+/// A fixture started with `-mutexprofile FILE` writes Go's mutex profile to FILE.1, FILE.2, ...
+/// on each SIGUSR1 and prints `profile FILE.N`. Snapshots taken just before and after an attach
+/// and subtracted are Go's count over the same window.
+pub struct MutexSnapshots {
+    file: PathBuf,
+    taken: usize,
+}
+
+impl MutexSnapshots {
+    /// Starts `bin` with `-duration 0 -mutexprofile <tmp/name.prof>`.
+    pub fn start(bin: &Path, name: &str) -> (Child, MutexSnapshots) {
+        let file = tmp(&format!("{name}.prof"));
+        let fx = start_fixture(
+            bin,
+            &["-duration", "0", "-mutexprofile", file.to_str().unwrap()],
+        );
+        (fx, MutexSnapshots { file, taken: 0 })
+    }
+
+    pub fn take(&mut self, fx: &mut Child) -> Vec<GoContention> {
+        self.taken += 1;
+        fx.signal(libc::SIGUSR1);
+        let path = format!("{}.{}", self.file.display(), self.taken);
+        fx.wait_for_line(&format!("profile {path}"), Duration::from_secs(10));
+        go_mutex_profile(&std::fs::read_to_string(&path).unwrap())
+    }
+}
+
 /// One function's contention in a Go mutex profile.
 #[derive(Debug, Clone)]
 pub struct GoContention {
