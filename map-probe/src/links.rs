@@ -206,10 +206,9 @@ impl Drop for Link {
     }
 }
 
-/// Waits until every link asked to close is closed (with `all`; without it,
-/// nothing to do: closes finish on their own).
-pub fn reap_closers(all: bool) {
-    if !all || PLANTER.lock().map_or(true, |p| p.is_none()) {
+/// Waits until every link asked to close is closed.
+pub fn sync() {
+    if PLANTER.lock().map_or(true, |p| p.is_none()) {
         return;
     }
     let _ = call(

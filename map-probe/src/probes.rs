@@ -430,9 +430,7 @@ impl Probes {
     /// Re-plants only the steady chunks a point left, and plants the points
     /// that joined as chunks of their own; the rest stay planted.
     fn move_steady(&mut self, tiers: &[u8]) -> Result<()> {
-        let steady: std::collections::HashSet<usize> = (0..self.lock_points.len())
-            .filter(|&i| tiers.get(i) == Some(&0))
-            .collect();
+        let steady = |m: &usize| tiers.get(*m) == Some(&0);
         let Some(set) = self.steady_set() else {
             return Ok(());
         };
@@ -441,7 +439,7 @@ impl Probes {
         let mut kept = Vec::new();
         for c in std::mem::take(&mut set.chunks) {
             held.extend(c.members.iter().copied());
-            if c.members.iter().all(|m| steady.contains(m)) {
+            if c.members.iter().all(steady) {
                 kept.push(c);
             } else {
                 broken.push(c);
@@ -450,11 +448,13 @@ impl Probes {
         set.chunks = kept;
         let mut replant = Vec::new();
         for c in broken {
-            replant.extend(c.members.iter().copied().filter(|m| steady.contains(m)));
+            replant.extend(c.members.iter().copied().filter(steady));
             self.drop_chunk(c)?;
         }
-        let mut joined: Vec<usize> = steady.difference(&held).copied().collect();
-        joined.sort_unstable();
+        let joined: Vec<usize> = steady_members(tiers)
+            .into_iter()
+            .filter(|m| !held.contains(m))
+            .collect();
         replant.sort_unstable();
         if replant.is_empty() && joined.is_empty() {
             return Ok(());
@@ -527,6 +527,14 @@ impl Probes {
         Ok(())
     }
 
+    /// `n` points of `slot` just planted by its entry or RET link.
+    fn count_planted(&mut self, slot: Slot, n: usize) {
+        self.planting.planted += n as u64;
+        if let Some(set) = self.set(slot) {
+            set.planted += n;
+        }
+    }
+
     /// The steady lock set, even while it holds no point.
     fn steady_set(&mut self) -> Option<&mut Set> {
         self.sets
@@ -582,10 +590,7 @@ impl Probes {
             return Ok(t.elapsed());
         };
         if chunked(slot) {
-            let members: Vec<usize> = (0..self.lock_points.len())
-                .filter(|&i| self.tiers.get(i) == Some(&0))
-                .collect();
-            if let Err(e) = self.plant_steady(&members) {
+            if let Err(e) = self.plant_steady(&steady_members(&self.tiers)) {
                 let _ = self.detach(slot);
                 return Err(e);
             }
@@ -622,9 +627,8 @@ impl Probes {
                 return Ok(t.elapsed());
             }
             let link = attach_points(&mut self.ebpf, self.mode, purpose, &all, &target, pid)?;
-            self.planting.planted += all.len() as u64;
+            self.count_planted(slot, all.len());
             if let Some(set) = self.set(slot) {
-                set.planted += all.len();
                 set.entry_link = Some(link);
                 set.ends_since = ends.then(Instant::now);
             }
@@ -639,10 +643,7 @@ impl Probes {
                 attach_points(&mut self.ebpf, self.mode, purpose, &entries, &target, pid);
             let entry_link = match entry_link {
                 Ok(l) => {
-                    self.planting.planted += entries.len() as u64;
-                    if let Some(set) = self.set(slot) {
-                        set.planted += entries.len();
-                    }
+                    self.count_planted(slot, entries.len());
                     l
                 }
                 Err(e) => {
@@ -670,9 +671,8 @@ impl Probes {
         }
         let (target, pid) = (self.target.clone(), self.pid);
         let l = attach_points(&mut self.ebpf, self.mode, slot.purpose, rets, &target, pid)?;
-        self.planting.planted += rets.len() as u64;
+        self.count_planted(slot, rets.len());
         if let Some(set) = self.set(slot) {
-            set.planted += rets.len();
             set.ret_link = Some(l);
             set.ends_since = Some(Instant::now());
         }
@@ -1023,7 +1023,7 @@ impl Drop for Probes {
                 }
             }
         }
-        links::reap_closers(true);
+        links::sync();
     }
 }
 
@@ -1053,6 +1053,11 @@ impl calibrate::Probe for Probes {
         }
         Ok(())
     }
+}
+
+/// The lock points in the steady tier, in index order.
+fn steady_members(tiers: &[u8]) -> Vec<usize> {
+    (0..tiers.len()).filter(|&i| tiers[i] == 0).collect()
 }
 
 /// The (offset, cookie) lists of one lock tier's entries and ends.

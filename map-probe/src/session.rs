@@ -593,7 +593,7 @@ impl Observation {
             excess.iter().map(|x| x.0).collect::<Vec<_>>()
         );
         let before = self.probes.tiers().to_vec();
-        self.rebalance(now)?;
+        self.rebalance_with(now, entries, ends)?;
         let moved = self.probes.tiers() != before.as_slice();
         self.evictions += u32::from(moved);
         Ok(moved)
@@ -635,8 +635,14 @@ impl Observation {
     }
 
     fn rebalance(&mut self, now: Instant) -> Result<()> {
-        self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
         let (entries, ends) = self.probes.point_hits()?;
+        self.rebalance_with(now, entries, ends)
+    }
+
+    /// `rebalance` with every point's running entry and end hits read just
+    /// now (an eviction has read them already: a syscall a point).
+    fn rebalance_with(&mut self, now: Instant, entries: Vec<u64>, ends: Vec<u64>) -> Result<()> {
+        self.tiers.next_rebalance = now + tiers::REBALANCE_EVERY;
         self.point_mark = (entries.clone(), ends.clone(), now);
         // The estimator's slots end where points may move.
         self.tiers.close_slot(

@@ -235,12 +235,6 @@ impl Tiers {
             .collect()
     }
 
-    pub fn all_observed(&self, tier_attached: &[Duration]) -> Vec<Duration> {
-        (0..self.points.len())
-            .map(|i| self.observed(i, tier_attached))
-            .collect()
-    }
-
     /// Re-sorts the points by rate (hits per second observed since the last
     /// re-sort; `hits.0[i]` and `hits.1[i]` are point i's running raw entry
     /// and end hits, each over the time its kind of probe was in). `budget`

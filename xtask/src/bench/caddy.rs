@@ -2,21 +2,14 @@
 //! (Go 1.19.8, stripped, externally linked, 887 lock call sites), the setup on which per-site
 //! probes once cost p99 +24-55%.
 
+use super::collector::free_port;
 use crate::util::cmd;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = "/usr/bin/caddy";
-
-/// A free loopback port (the kernel's choice, released at once).
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
 
 /// Writes the Caddyfile and the page it serves under `dir`, starts caddy and waits until its
 /// front port accepts; returns the child and the front address.

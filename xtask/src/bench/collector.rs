@@ -34,6 +34,7 @@ service:
     )
 }
 
+/// A free loopback port (the kernel's choice, released at once).
 pub fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
